@@ -1,0 +1,11 @@
+"""verger-core: the shared foundation of the verger packages.
+
+Sub-modules are imported explicitly (``from verger.core.nn import TransformerLM``); this top level
+re-exports only the small runtime helpers so that ``import verger.core`` stays cheap.
+"""
+
+from verger.core.runtime import default_device, resolve_device, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "default_device", "resolve_device", "seed_everything"]
