@@ -204,7 +204,9 @@ def tests_gpu(session: nox.Session, package: str) -> None:
         session.run("python", "-c", code, silent=True)
     except nox.command.CommandFailed:
         session.skip("no CUDA device visible")
-    session.run("pytest", f"{member.rel}/tests", "-m", "gpu", *session.posargs, success_codes=[0, 5])
+    session.run(
+        "pytest", f"{member.rel}/tests", "-m", "gpu", *session.posargs, success_codes=[0, 5]
+    )
 
 
 def _run_cli(session: nox.Session, member: Member, command: str, extra: list[str]) -> Path:
