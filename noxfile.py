@@ -1,12 +1,18 @@
 """nox sessions for the verger workspace.
 
 Every member (``shared/*`` and ``packages/*`` folders with a ``pyproject.toml``) is discovered at
-load time, so a new package joins every parametrized session without an edit here. Each session
-installs only the member under test, verger-core and the member's declared dependencies, so a
-missing dependency fails its run.
+load time (``ci/workspace.py``), so a new package joins every parametrized session without an
+edit here. Each session installs only the member under test, the workspace members it depends
+on and its declared dependencies, so a missing dependency fails its run.
 
-Select members with ``VERGER_PACKAGES=core,fast-attention nox -s tests`` or directly by session
-name: ``nox -s "tests(fast-attention)"``.
+    uvx nox -s demo                  every member's demo (--quick), build/report.md, the docs
+    uvx nox -s tests                 every member's CPU tests, plus tests(tooling) for ci/
+    uvx nox -s "tests(core)"         one member; arguments after -- go to pytest
+    VERGER_PACKAGES=core,maeclip uvx nox -s tests build
+
+``tests(tooling)`` and ``typecheck(tooling)`` cover ci/, docs/gen_pages.py and this file. Test
+sessions end with one summary line per member; an unknown session or package name fails before
+anything runs, listing the valid choices. docs/contributing.md describes every session.
 
 On machines whose pip is configured with local wheel indexes (``pip config get
 global.extra-index-url``), those indexes are handed to uv at run time, so torch is not fetched
@@ -15,93 +21,118 @@ again from PyPI. Nothing machine-specific is written in this file.
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tomllib
-from dataclasses import dataclass
+import time
 from pathlib import Path
+from types import ModuleType
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = Path(__file__).resolve().parent
 BUILD = ROOT / "build"
+CI = ROOT / "ci"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    """Import a stdlib-only helper from ci/ without putting ci/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"verger_ci_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+workspace = _load("workspace", CI / "workspace.py")
+results = _load("results", CI / "results.py")
+pytest_summary = _load("pytest_summary", CI / "pytest_plugin" / "verger_ci_summary.py")
 
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = False
 nox.options.sessions = ["lint", "tests"]
 
-TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3"]
+nox.needs_version = ">=2025.2"
+
+_PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+LINT_TOOLS = nox.project.dependency_groups(_PYPROJECT, "lint")
+TEST_TOOLS = nox.project.dependency_groups(_PYPROJECT, "test")
+TYPECHECK_TOOLS = nox.project.dependency_groups(_PYPROJECT, "typecheck")
+DOCS_TOOLS = nox.project.dependency_groups(_PYPROJECT, "docs")
+TOOLING = "tooling"  # pseudo-member of tests(): ci/tests
+PYTEST_TIMEOUT_S = 900
 
 
-@dataclass(frozen=True)
-class Member:
-    """One workspace member: where it lives and how it is named and imported."""
-
-    short: str  # "core", "fast-attention": the session parameter
-    dist: str  # "verger-core": the distribution name
-    path: Path
-    module: str  # "verger.core"
-    extras: tuple[str, ...]
-    verger_deps: tuple[str, ...]  # other workspace members this one depends on (dist names)
-
-    @property
-    def rel(self) -> str:
-        return self.path.relative_to(ROOT).as_posix()
-
-
-def _dep_name(requirement: str) -> str:
-    name = requirement
-    for sep in "<>=!~;[ (":
-        name = name.split(sep, 1)[0]
-    return name.strip().lower().replace("_", "-")
-
-
-def discover_members(root: Path = ROOT) -> list[Member]:
-    """Every workspace member, core first, then packages in alphabetical order."""
-    members = []
-    for pyproject in sorted(root.glob("shared/*/pyproject.toml")) + sorted(
-        root.glob("packages/*/pyproject.toml")
-    ):
-        meta = tomllib.loads(pyproject.read_text())["project"]
-        dist = meta["name"]
-        short = dist.removeprefix("verger-")
-        deps = tuple(
-            d for d in map(_dep_name, meta.get("dependencies", [])) if d.startswith("verger-")
-        )
-        members.append(
-            Member(
-                short=short,
-                dist=dist,
-                path=pyproject.parent,
-                module="verger." + short.replace("-", "_"),
-                extras=tuple(meta.get("optional-dependencies", {})),
-                verger_deps=deps,
-            )
-        )
-    return members
-
-
-def _select(members: list[Member]) -> list[Member]:
-    wanted = os.environ.get("VERGER_PACKAGES", "").strip()
-    if not wanted:
+def _select(members: list, wanted: str) -> list:
+    """The members named in ``wanted`` (comma-separated short or dist names), or all."""
+    if not wanted.strip():
         return members
     by_name = {m.short: m for m in members} | {m.dist: m for m in members}
-    chosen, unknown = [], []
-    for name in (w.strip() for w in wanted.split(",") if w.strip()):
-        (chosen.append(by_name[name]) if name in by_name else unknown.append(name))
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in by_name and n != TOOLING]
     if unknown:
         valid = ", ".join(m.short for m in members)
         sys.exit(f"VERGER_PACKAGES names unknown package(s) {unknown}; valid choices: {valid}")
-    return chosen
+    return [by_name[n] for n in names if n in by_name]
 
 
-ALL_MEMBERS = discover_members()
-MEMBERS = _select(ALL_MEMBERS)
+try:
+    ALL_MEMBERS = workspace.discover_members(ROOT)
+except ValueError as exc:  # a malformed or misnamed member pyproject: say which, no traceback
+    sys.exit(f"noxfile: {exc}")
+_WANTED = os.environ.get("VERGER_PACKAGES", "")
+MEMBERS = _select(ALL_MEMBERS, _WANTED)
 BY_SHORT = {m.short: m for m in ALL_MEMBERS}
 NAMES = [m.short for m in MEMBERS]
+_WANTS_TOOLING = not _WANTED.strip() or TOOLING in {w.strip() for w in _WANTED.split(",")}
+TEST_NAMES = NAMES + ([TOOLING] if _WANTS_TOOLING else [])
+PARAMETRIZED = {
+    name: TEST_NAMES if name in ("tests", "typecheck") else NAMES
+    for name in ("typecheck", "tests", "tests_gpu", "demo", "bench", "build", "release")
+}
+
+
+def _requested_sessions(argv: list[str], env_value: str) -> list[str]:
+    """Session names given on the nox command line (-s/-e/--session[s]) or in NOXSESSION."""
+    names = [s for s in env_value.split(",") if s]
+    taking = False
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in ("-s", "-e", "--session", "--sessions"):
+            taking = True
+        elif arg.startswith(("--session=", "--sessions=")):
+            names.append(arg.split("=", 1)[1])
+        elif arg.startswith("-"):
+            taking = False
+        elif taking:
+            names.append(arg)
+    return names
+
+
+def check_session_names(
+    names: list[str], sessions: list[str], parametrized: dict[str, list[str]]
+) -> str | None:
+    """An error message if a name is no session, or asks one for an unknown package."""
+    for name in names:
+        match = re.fullmatch(r"\s*(\w+)\((?:package=)?['\"]?([^'\")]*)['\"]?\)\s*", name)
+        base = match[1] if match else name.strip()
+        if base not in sessions:
+            return f"unknown session {name!r}; valid sessions: {', '.join(sessions)} (see `nox -l`)"
+        if match and match[1] in parametrized and match[2] not in parametrized[match[1]]:
+            valid = ", ".join(parametrized[match[1]]) or "(none)"
+            return (
+                f"unknown package {match[2]!r} in session {name!r}; valid choices for "
+                f"{match[1]}: {valid} (see `nox -l`)"
+            )
+    return None
 
 
 def _local_indexes() -> str | None:
@@ -129,171 +160,249 @@ if _INDEXES:
     os.environ["UV_INDEX"] = _INDEXES
 
 
-def _member(package: str) -> Member:
+def _member(package: str):
     if package not in BY_SHORT:
-        valid = ", ".join(BY_SHORT)
-        raise SystemExit(f"unknown package {package!r}; valid choices: {valid}")
+        raise SystemExit(f"unknown package {package!r}; valid choices: {', '.join(BY_SHORT)}")
     return BY_SHORT[package]
 
 
-def _closure(member: Member) -> list[Member]:
-    """The member and every workspace member it depends on (dependencies first)."""
-    by_dist = {m.dist: m for m in ALL_MEMBERS}
-    order: list[Member] = []
-
-    def visit(m: Member) -> None:
-        for dep in m.verger_deps:
-            if dep in by_dist and by_dist[dep] not in order:
-                visit(by_dist[dep])
-        if m not in order:
-            order.append(m)
-
-    visit(member)
-    return order
-
-
-def install_member(session: nox.Session, member: Member, *extras: str) -> None:
+def install_member(session: nox.Session, member, *extras: str) -> None:
     """Install the member (editable) with its workspace dependencies and the given extras."""
     wanted = [e for e in extras if e in member.extras]
     spec = member.rel + (f"[{','.join(wanted)}]" if wanted else "")
     args: list[str] = []
-    for dep in _closure(member)[:-1]:
+    for dep in workspace.closure(member, ALL_MEMBERS)[:-1]:
         args += ["-e", dep.rel]
     session.install(*args, "-e", spec)
+
+
+# --- test runs and their one-line summaries ---------------------------------------------------
+
+_SUMMARY: list[tuple[str, str, str]] = []  # (session, outcome, counts)
+
+
+def _print_summary() -> None:
+    if not _SUMMARY:
+        return
+    width = max(len(name) for name, _, _ in _SUMMARY)
+    lines = ["", "verger test summary:"]
+    lines += [f"  {name:<{width}}  {outcome:<7} {counts}" for name, outcome, counts in _SUMMARY]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+atexit.register(_print_summary)
+
+
+def run_pytest(
+    session: nox.Session, target: str, args: list[str], *, started: float, require_tests: bool
+) -> None:
+    """pytest with the summary plugin; exit 5 (no tests) fails only if none exist at all."""
+    out = BUILD / "test-results" / (re.sub(r"\W+", "-", session.name).strip("-") + ".json")
+    out.unlink(missing_ok=True)
+    env = {
+        "PYTHONHASHSEED": "0",
+        "VERGER_PYTEST_SUMMARY": str(out),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(CI / "pytest_plugin"), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    failed = False
+    try:
+        # pytest-timeout: a hung multi-process test fails instead of stalling CI (generous,
+        # since `-m slow` runs are long on 2 cores); a later --timeout in args wins.
+        plugins = ["-p", "verger_ci_summary", "--timeout", str(PYTEST_TIMEOUT_S)]
+        session.run("pytest", target, *plugins, *args, env=env, success_codes=[0, 5])
+    except CommandFailed:
+        failed = True
+    summary = json.loads(out.read_text()) if out.is_file() else None
+    counts = pytest_summary.describe(summary, time.perf_counter() - started)
+    if failed or summary is None:
+        _SUMMARY.append((session.name, "FAILED", counts))
+        session.error(f"pytest failed: {counts}")
+    if summary["exitstatus"] == 5 and summary["collected"] == 0 and require_tests:
+        _SUMMARY.append((session.name, "FAILED", "no tests collected"))
+        session.error(f"no tests collected under {target}: every member needs CPU tests")
+    outcome = "passed" if summary["selected"] else "empty"
+    _SUMMARY.append((session.name, outcome, counts))
+    session.log(f"{session.name}: {outcome}: {counts}")
+
+
+# --- sessions -------------------------------------------------------------------------------
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole tree."""
-    session.install("ruff>=0.6")
+    session.install(*LINT_TOOLS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session
-@nox.parametrize("package", NAMES, ids=NAMES)
+@nox.session(default=False)
+@nox.parametrize("package", TEST_NAMES, ids=TEST_NAMES)
 def typecheck(session: nox.Session, package: str) -> None:
-    """mypy on one member, installed with its dependencies."""
+    """mypy on one member, installed with its dependencies (tooling: ci/, docs/, this file)."""
+    session.install(*TYPECHECK_TOOLS)
+    if package == TOOLING:
+        session.install("nox>=2025.2", "pytest>=8")
+        session.run("mypy", "noxfile.py", "docs/gen_pages.py", "ci")
+        return
     member = _member(package)
     install_member(session, member)
-    session.install("mypy>=1.11")
     session.run("mypy", "-p", member.module)
 
 
 @nox.session
-@nox.parametrize("package", NAMES, ids=NAMES)
+@nox.parametrize("package", TEST_NAMES, ids=TEST_NAMES)
 def tests(session: nox.Session, package: str) -> None:
     """pytest on CPU (Triton kernels through the interpreter); slow and gpu cases excluded."""
+    started = time.perf_counter()
+    args = list(session.posargs)
+    if not any(a.startswith("-m") for a in args):
+        args = ["-m", "not gpu and not slow", *args]  # `-- -k name` keeps the CPU selection
+    if package == TOOLING:
+        session.install(*TEST_TOOLS, "nox>=2025.2")
+        run_pytest(session, "ci/tests", args, started=started, require_tests=True)
+        return
     member = _member(package)
+    if not (member.path / "tests").is_dir():
+        _SUMMARY.append((session.name, "FAILED", f"no {member.rel}/tests folder"))
+        session.error(f"{member.rel}/tests does not exist: every member needs CPU tests")
     install_member(session, member, "test")
     session.install(*TEST_TOOLS)
-    marker = "not gpu and not slow"
-    args = session.posargs or ["-m", marker]
-    session.run("pytest", f"{member.rel}/tests", *args, env={"PYTHONHASHSEED": "0"})
+    run_pytest(session, f"{member.rel}/tests", args, started=started, require_tests=True)
 
 
 @nox.session(default=False)
 @nox.parametrize("package", NAMES, ids=NAMES)
 def tests_gpu(session: nox.Session, package: str) -> None:
     """The CUDA-only tests of one member (needs a GPU; not run by default)."""
+    started = time.perf_counter()
     member = _member(package)
+    if not (member.path / "tests").is_dir():
+        session.skip(f"{member.rel} has no tests/ folder")
     install_member(session, member, "test", "gpu")
     session.install(*TEST_TOOLS)
     code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     try:
         session.run("python", "-c", code, silent=True)
-    except nox.command.CommandFailed:
+    except CommandFailed:
+        if os.environ.get("VERGER_REQUIRE_GPU") == "1":
+            session.error("torch sees no CUDA device but VERGER_REQUIRE_GPU=1 (ci/gpu-check.sh)")
         session.skip("no CUDA device visible")
-    session.run(
-        "pytest", f"{member.rel}/tests", "-m", "gpu", *session.posargs, success_codes=[0, 5]
-    )
+    args = ["-m", "gpu", *session.posargs]
+    run_pytest(session, f"{member.rel}/tests", args, started=started, require_tests=False)
 
 
-def _run_cli(session: nox.Session, member: Member, command: str, extra: list[str]) -> Path:
+def _run_cli(session: nox.Session, member, command: str) -> None:
+    """``python -m verger.<name> <command> --out build/<command>/<name>`` (default --quick)."""
+    if not member.has_cli:
+        session.skip(f"{member.module} has no __main__.py yet: no {command} to run")
+    install_member(session, member, command, "gpu" if command == "bench" else "")
     out = BUILD / command / member.short
+    quick = [] if os.environ.get("VERGER_QUICK", "1") == "0" else ["--quick"]
+    extra = session.posargs or quick
     session.run("python", "-m", member.module, command, "--out", str(out), *extra)
-    return out
 
 
 @nox.session(default=False)
 @nox.parametrize("package", NAMES, ids=NAMES)
 def demo(session: nox.Session, package: str) -> None:
     """Run the member's demo (the paper in miniature); results under build/demo/<package>."""
-    member = _member(package)
-    install_member(session, member, "demo")
-    _run_cli(session, member, "demo", session.posargs or ["--quick"])
     session.notify("report")
+    _run_cli(session, _member(package), "demo")
 
 
 @nox.session(default=False)
 @nox.parametrize("package", NAMES, ids=NAMES)
 def bench(session: nox.Session, package: str) -> None:
     """Run the member's benchmarks; metrics.json under build/bench/<package>."""
-    member = _member(package)
-    install_member(session, member, "bench")
-    _run_cli(session, member, "bench", session.posargs or ["--quick"])
     session.notify("report")
+    _run_cli(session, _member(package), "bench")
 
 
 @nox.session(venv_backend="none", default=False)
 def report(session: nox.Session) -> None:
-    """Combine every build/{demo,bench}/<package>/metrics.json into build/report.md."""
-    lines = ["# verger: combined report", ""]
-    found = 0
-    for kind in ("demo", "bench"):
-        for metrics in sorted((BUILD / kind).glob("*/metrics.json")):
-            data = json.loads(metrics.read_text())
-            found += 1
-            lines += [f"## {metrics.parent.name} ({kind})", "", "| metric | value |", "|---|---|"]
-            for key, value in data.items():
-                shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-                lines.append(f"| `{key}` | {shown} |")
-            lines.append("")
-    if not found:
-        session.error("no build/demo/*/metrics.json or build/bench/*/metrics.json to report on")
-    BUILD.mkdir(exist_ok=True)
-    target = BUILD / "report.md"
-    tmp = target.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(target)
-    session.log(f"combined report of {found} runs: {target}")
+    """Combine every build/{demo,bench}/<package>/metrics.json into build/report.md, then docs."""
+    target, found = results.write_report(ALL_MEMBERS, BUILD)
+    session.log(f"combined report of {found} run(s) over {len(ALL_MEMBERS)} package(s): {target}")
+    if pending := results.pending_reasons(ALL_MEMBERS):
+        session.warn(f"no demo/bench command yet in: {', '.join(pending)} (listed as such)")
+    # The docs site carries the same page (results.md); after a demo, not --strict, so that a
+    # docs warning cannot sink a demo run (`nox -s docs` alone stays strict).
+    session.notify("docs", posargs=["--no-strict"])
+
+
+def build_and_check(session: nox.Session, member, out: Path) -> list[Path]:
+    """Build the member (and its workspace deps) into ``out``; install the wheel alone; import.
+
+    ``--no-sources`` builds as from PyPI; the import runs outside the checkout and fails if a
+    member that was not asked for got installed.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    deps = workspace.closure(member, ALL_MEMBERS)[:-1]
+    for m in [*deps, member]:
+        session.run(
+            "uv", "build", "--no-sources", "--package", m.dist, "--out-dir", str(out / m.short),
+            external=True,
+        )  # fmt: skip
+    wheels = sorted((out / member.short).glob("*.whl"))
+    if len(wheels) != 1:
+        session.error(f"expected one wheel in {out / member.short}, found {wheels}")
+    links = [a for d in deps for a in ("--find-links", str(out / d.short))]
+    session.install(str(wheels[0]), *links)
+    others = [m.module for m in ALL_MEMBERS if m not in (*deps, member)]
+    check = [str(CI / "import_check.py"), member.module, "--absent", *others]
+    with session.chdir(session.create_tmp()):  # import the wheel, not the checkout
+        session.run("python", *check)
+    session.log(f"ok: {wheels[0].name} installs and imports alone")
+    return sorted(p for p in (out / member.short).iterdir() if p.suffix in (".whl", ".gz"))
 
 
 @nox.session(default=False)
 @nox.parametrize("package", NAMES, ids=NAMES)
 def build(session: nox.Session, package: str) -> None:
     """Build the member's wheel and sdist, install the wheel alone in this fresh venv, import it."""
-    member = _member(package)
-    dist = BUILD / "dist"
-    session.run("uv", "build", "--package", member.dist, "--out-dir", str(dist), external=True)
-    for dep in _closure(member)[:-1]:  # workspace deps are not on the index: build them too
-        session.run("uv", "build", "--package", dep.dist, "--out-dir", str(dist), external=True)
-    wheel_name = member.dist.replace("-", "_")
-    session.install("--find-links", str(dist), f"{member.dist}", "--reinstall-package", member.dist)
-    others = [m.module for m in ALL_MEMBERS if m not in _closure(member)]
-    check = (
-        "import importlib, importlib.util, sys\n"
-        f"mod = importlib.import_module({member.module!r})\n"
-        "assert 'site-packages' in (mod.__file__ or ''), mod.__file__\n"
-        f"leaked = [m for m in {others!r} if importlib.util.find_spec(m) is not None]\n"
-        "assert not leaked, f'installed but not asked for: {leaked}'\n"
-        f"print('ok', {wheel_name!r}, mod.__file__)\n"
-    )
-    session.chdir(session.create_tmp())  # import from the installed wheel, not the checkout
-    session.run("python", "-c", check)
+    build_and_check(session, _member(package), BUILD / "dist" / package)
 
 
 @nox.session(default=False)
 @nox.parametrize("package", NAMES, ids=NAMES)
 def release(session: nox.Session, package: str) -> None:
-    """Check the member is releasable (CHANGELOG has an entry for its version) and build it."""
+    """Check the member is releasable (version, changelog, manifest, tag) and build its artifacts.
+
+    Artifacts land in build/release/<package>-v<version>/; tagging and uploading stay manual
+    (or release-please's job): the last log line gives the tag command.
+    """
     member = _member(package)
-    version = tomllib.loads((member.path / "pyproject.toml").read_text())["project"]["version"]
-    changelog = (member.path / "CHANGELOG.md").read_text()
-    if f"## [{version}]" not in changelog:
-        session.error(
-            f"{member.rel}/CHANGELOG.md has no '## [{version}]' section for the version in "
-            f"{member.rel}/pyproject.toml; add one before tagging {member.short}-v{version}"
-        )
-    session.notify(f"build({member.short})")
-    session.log(f"ready: tag {member.short}-v{version} after build({member.short}) passes")
+    releasing = _load("release_config", CI / "release_config.py")
+    problems = releasing.release_problems(member, ROOT)
+    if problems:
+        session.error("not releasable:\n  - " + "\n  - ".join(problems))
+    tag = releasing.tag_name(member)
+    files = build_and_check(session, member, BUILD / "release" / tag)
+    session.log("artifacts: " + ", ".join(str(f.relative_to(ROOT)) for f in files))
+    session.log(
+        f"ready: git tag -a {tag} -m '{member.dist} {member.version}' && git push origin {tag}"
+    )
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """The mkdocs site (overview, one page per member, results) built with --strict."""
+    session.install(*DOCS_TOOLS)
+    site = BUILD / "site"
+    # Silence the MkDocs-2 banners of mkdocs and mkdocs-material: mkdocs is pinned below 2.
+    env = {"DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), *session.posargs, env=env)
+    session.log(f"site: {site / 'index.html'}")
+
+
+# Checked after every session is defined: nox itself would only say "Sessions not found".
+_bad_name = check_session_names(
+    _requested_sessions(sys.argv, os.environ.get("NOXSESSION", "")),
+    list(nox.registry.get()),
+    PARAMETRIZED,
+)
+if _bad_name:
+    sys.exit(_bad_name)

@@ -51,3 +51,52 @@ def assert_close(
     err = relative_rms_error(actual, expected)
     if err > rtol:
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > {rtol:.1e}")
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _triton_usable() -> bool:
+    import importlib.util
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    return has_triton and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _skipif(condition: bool, reason: str):  # pytest is a test-time dependency only
+    import pytest
+
+    return pytest.mark.skipif(condition, reason=reason)
+
+
+def __getattr__(name: str):
+    # Markers are built on first access so importing this module never needs pytest.
+    if name == "requires_cuda":
+        return _skipif(not _cuda_available(), "needs a CUDA device")
+    if name == "requires_triton":
+        return _skipif(
+            not _triton_usable(), "needs triton and a CUDA device or TRITON_INTERPRET=1"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tiny_config(**overrides):
+    """A tiny :class:`~verger.core.nn.TransformerConfig` for tests (about 30k parameters).
+
+    Sizes are deliberately not powers of two (vocab 61, hidden 88) so kernels meet ragged
+    shapes. Any field can be overridden: ``tiny_config(n_layers=1, fused=False)``.
+    """
+    from verger.core.nn import TransformerConfig
+
+    fields = dict(
+        vocab_size=61,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        mlp_hidden=88,
+        max_seq_len=64,
+        dropout=0.0,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)

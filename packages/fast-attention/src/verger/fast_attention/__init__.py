@@ -1,0 +1,61 @@
+"""verger-fast-attention: linear attention and (improved) clustered attention.
+
+Importing this package registers ``linear``, ``clustered`` and ``improved_clustered`` in
+verger.core's attention registry, so ``TransformerConfig(attention="linear")`` works.
+"""
+
+from verger.fast_attention.clustered import (
+    cluster_queries,
+    clustered_attention,
+    clustered_attention_from_clusters,
+)
+from verger.fast_attention.feature_maps import (
+    EluFeatureMap,
+    FavorFeatureMap,
+    FeatureMap,
+    available_feature_maps,
+    get_feature_map,
+    register_feature_map,
+)
+from verger.fast_attention.linear import (
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_step,
+)
+from verger.fast_attention.modules import (
+    CausalLinearAttention,
+    ClusteredAttention,
+    ImprovedClusteredAttention,
+    KVCache,
+    LinearAttention,
+    register_with_core,
+)
+from verger.fast_attention.ops.causal_linear import causal_linear, causal_product
+
+__version__ = "0.1.0"
+
+register_with_core()
+
+__all__ = [
+    "CausalLinearAttention",
+    "ClusteredAttention",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "ImprovedClusteredAttention",
+    "KVCache",
+    "LinearAttention",
+    "LinearAttentionState",
+    "__version__",
+    "available_feature_maps",
+    "causal_linear",
+    "causal_product",
+    "cluster_queries",
+    "clustered_attention",
+    "clustered_attention_from_clusters",
+    "get_feature_map",
+    "linear_attention",
+    "linear_attention_step",
+    "register_feature_map",
+    "register_with_core",
+]

@@ -1,0 +1,237 @@
+"""Clustered and improved clustered attention (Vyas, Katharopoulos & Fleuret, 2020).
+
+Queries are hashed with random hyperplanes, grouped by Hamming k-means, and softmax attention
+is computed once per cluster centroid (the mean of its queries): O(N·C·D) instead of O(N²·D).
+Improved clustered attention then gives each query its exact softmax over the centroid's top-k
+keys, scaled by the centroid's mass on them; the other keys keep the centroid's weights.
+
+A causal variant (for language models, not in the paper) renormalizes the centroid's weights
+over the keys each query may see. The centroid row prefix sums are exactly causal linear
+attention with one-hot query features, so it reuses the chunked ``causal_linear`` kernel.
+Caveat: cluster membership and centroids are computed from all queries of the sequence, so
+the weights (never the values) at position i depend on later queries.
+
+Everything is pure torch (vectorized, batched matmuls and gathers) on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
+from verger.fast_attention.feature_maps import compute_dtype
+from verger.fast_attention.ops.causal_linear import causal_linear
+from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
+
+__all__ = ["clustered_attention", "cluster_queries", "clustered_attention_from_clusters"]
+
+_GATHER_BUDGET = 1 << 23  # floats per gathered (queries × top-k × dim) block
+
+
+def _query_validity(mask: torch.Tensor | None, b: int, h: int, nq: int, nk: int) -> torch.Tensor | None:
+    if mask is None or nq != nk:
+        return None
+    return (~mask)[:, None, :].expand(b, h, nq).reshape(b * h, nq)
+
+
+def cluster_queries(
+    q: torch.Tensor,
+    *,
+    n_clusters: int,
+    bits: int = 63,
+    iterations: int = 10,
+    key_padding_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Hash (B, H, N, D) queries and cluster them: (assignments (B, H, N), clusters used).
+
+    More clusters than valid queries is allowed: the count is clamped to the sequence length
+    (every query may then have its own cluster). Padded queries (``key_padding_mask`` True, same
+    length as q) neither vote in k-means nor seed the initial centroids.
+    """
+    check_positive_int("n_clusters", n_clusters)
+    check_positive_int("bits", bits)
+    check_positive_int("iterations", iterations)
+    b, h, n, d = q.shape
+    if n == 0:
+        return torch.zeros(b, h, 0, dtype=torch.long, device=q.device), 0
+    clusters = min(n_clusters, n)
+    valid = _query_validity(key_padding_mask, b, h, n, n)
+    codes = hash_codes(q.reshape(b * h, n, d), bits, valid=valid, generator=generator)
+    assign, _ = hamming_kmeans(codes, clusters, iterations, valid=valid)
+    return assign.view(b, h, n), clusters
+
+
+def _centroids(q3: torch.Tensor, assign: torch.Tensor, clusters: int, valid: torch.Tensor | None) -> torch.Tensor:
+    w = torch.ones_like(q3[..., :1]) if valid is None else valid[..., None].to(q3.dtype)
+    counts = torch.zeros(q3.shape[0], clusters, 1, dtype=q3.dtype, device=q3.device)
+    counts.scatter_add_(1, assign[..., None], w)
+    sums = torch.zeros(q3.shape[0], clusters, q3.shape[-1], dtype=q3.dtype, device=q3.device)
+    sums = sums.scatter_add(1, assign[..., None].expand_as(q3), q3 * w)
+    return sums / counts.clamp_min(1.0)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (G, M, D), idx (G, ...) -> t[g, idx[g, ...]] of shape (G, ..., D).
+
+    Whole-row ``index_select`` on the flattened (G·M, D) tensor: a row copy per index, far
+    faster on CPU than ``gather`` with an index expanded over D.
+    """
+    g, m, d = t.shape
+    offsets = torch.arange(g, device=idx.device).view(g, *([1] * (idx.dim() - 1))) * m
+    flat = (idx + offsets).reshape(-1)
+    return t.reshape(g * m, d).index_select(0, flat).view(*idx.shape, d)
+
+
+def _topk_exact(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    v3: torch.Tensor,
+    top_idx: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Per query, softmax over its top-k keys ``top_idx`` (G, n, kk), exact scores; (G, n, Dv)."""
+    kq, vq = _rows(k3, top_idx), _rows(v3, top_idx)
+    logits = torch.einsum("gnd,gnkd->gnk", q3, kq) * scale
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, -1)
+    if allowed is not None:  # a query that may see none of its top-k keys gets no exact part
+        p = torch.where(allowed.any(-1, keepdim=True), p, 0.0)
+    return torch.einsum("gnk,gnkd->gnd", p, vq)
+
+
+def clustered_attention_from_clusters(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    n_clusters: int,
+    *,
+    topk: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention products for given assignments (B, H, Nq) in [0, n_clusters)."""
+    b, h, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[-1]
+    g = b * h
+    dtype = compute_dtype(q.dtype)
+    scale = d**-0.5 if scale is None else float(scale)
+    q3 = q.reshape(g, nq, d).to(dtype)
+    k3 = k.reshape(g, nk, d).to(dtype)
+    v3 = v.reshape(g, nk, dv).to(dtype)
+    a3 = assign.reshape(g, nq)
+    pad = None
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, :].expand(b, h, nk).reshape(g, nk)
+    qc = _centroids(q3, a3, n_clusters, _query_validity(key_padding_mask, b, h, nq, nk))
+    logits = torch.bmm(qc, k3.mT) * scale  # (G, C, Nk)
+    if pad is not None:
+        logits = logits.masked_fill(pad[:, None, :], float("-inf"))
+    kk = None if topk is None else min(topk, nk)
+    if causal:
+        out = _causal_products(q3, k3, v3, a3, logits, kk, pad, scale)
+    else:
+        out = _products(q3, k3, v3, a3, logits, kk, pad, scale)
+    out = out.view(b, h, nq, dv)
+    if key_padding_mask is not None and nq == nk:
+        out = out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    return out.to(v.dtype)
+
+
+def _products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]
+    attn = torch.softmax(logits, -1)
+    vc = torch.bmm(attn, v3)  # (G, C, Dv): the clustered attention value of each centroid
+    if kk is None:
+        return _rows(vc, a3)
+    top_w, top_idx = attn.topk(kk, -1)  # (G, C, kk)
+    mass = top_w.sum(-1, keepdim=True)
+    v_rest = vc - torch.einsum("gck,gckd->gcd", top_w, _rows(v3, top_idx))
+    g, nq, _ = q3.shape
+    out = torch.empty(g, nq, v3.shape[-1], dtype=q3.dtype, device=q3.device)
+    step = max(1, _GATHER_BUDGET // max(1, g * kk * max(q3.shape[-1], v3.shape[-1])))
+    outs = []
+    for start in range(0, nq, step):
+        ca = a3[:, start : start + step]
+        idx = _rows(top_idx, ca)  # (G, n, kk)
+        allowed = None if pad is None else ~pad.gather(1, idx.flatten(1)).view_as(idx)
+        exact = _topk_exact(q3[:, start : start + step], k3, v3, idx, allowed, scale)
+        outs.append(_rows(mass, ca) * exact + _rows(v_rest, ca))
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0] if outs else out
+
+
+def _causal_products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]
+    g, nq, _ = q3.shape
+    clusters = logits.shape[1]
+    # e[c, j] = exp(logit - max_c): a per-cluster constant, which cancels in every ratio below
+    e = torch.exp(logits - logits.amax(-1, keepdim=True).detach().clamp_min(-1e30))
+    onehot = F.one_hot(a3, clusters).to(q3.dtype)
+    base = causal_linear(onehot, e.mT.contiguous(), v3, eps=1e-30)
+    if kk is None:
+        return base
+    z = e.cumsum(-1).gather(1, a3[:, None, :]).squeeze(1)  # Σ_{j≤i} e[c_i, j]
+    _, top_idx = logits.topk(kk, -1)
+    idx = _rows(top_idx, a3)  # (G, Nq, kk)
+    pos = torch.arange(nq, device=q3.device)
+    allowed = idx <= pos[None, :, None]
+    if pad is not None:
+        allowed &= ~pad.gather(1, idx.flatten(1)).view_as(idx)
+    flat = (a3[..., None] * e.shape[-1] + idx).flatten(1)
+    e_top = e.flatten(1).gather(1, flat).view_as(idx) * allowed
+    inv_z = 1.0 / (z + 1e-30)
+    removed = torch.einsum("gnk,gnkd->gnd", e_top, _rows(v3, idx)) * inv_z[..., None]
+    mass = (e_top.sum(-1) * inv_z)[..., None]
+    exact = _topk_exact(q3, k3, v3, idx, allowed, scale)
+    return base - removed + mass * exact
+
+
+def clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    n_clusters: int,
+    bits: int = 63,
+    iterations: int = 10,
+    topk: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Clustered (``topk=None``) or improved clustered (``topk=int``) softmax attention.
+
+    Tensors are (batch, heads, seq, dim); returns v's shape and dtype. ``n_clusters`` larger
+    than the number of queries is clamped to it, ``topk`` larger than the number of keys to
+    it. ``key_padding_mask``: bool (batch, seq_k), True at padding; padded keys get zero weight,
+    outputs at padded query positions are zero (self-attention), and every sequence needs at
+    least one real key. ``generator`` makes the hash planes reproducible. Gradients flow to q
+    (through the centroids and the exact top-k scores), k and v; the clustering is discrete.
+    """
+    check_qkv(q, k, v, same_length=causal)
+    check_positive_int("n_clusters", n_clusters)
+    if topk is not None:
+        check_positive_int("topk", topk)
+    mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
+    if k.shape[2] == 0:
+        raise ValueError("clustered_attention needs at least one key (seq_k = 0)")
+    if mask is not None and bool(mask.all(-1).any()):
+        raise ValueError("key_padding_mask masks every key of some sequence; nothing to attend")
+    qmask = mask if q.shape[2] == k.shape[2] else None
+    assign, clusters = cluster_queries(
+        q,
+        n_clusters=n_clusters,
+        bits=bits,
+        iterations=iterations,
+        key_padding_mask=qmask,
+        generator=generator,
+    )
+    if clusters == 0:
+        return v.new_zeros(*q.shape[:3], v.shape[-1])
+    return clustered_attention_from_clusters(
+        q, k, v, assign, clusters, topk=topk, key_padding_mask=mask, causal=causal, scale=scale
+    )

@@ -1,0 +1,139 @@
+"""Linear attention ("Transformers are RNNs"): batch forms and the recurrent step.
+
+``V'_i = φ(Q_i)ᵀ Σ_j φ(K_j) V_jᵀ / (φ(Q_i)ᵀ Σ_j φ(K_j) + eps)``, summing over all ``j``
+(non-causal) or ``j ≤ i`` (causal). The causal numerator is the chunked ``causal_product``
+kernel; its normalizer is a cumulative sum of φ(K), which costs O(N·D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from verger.fast_attention._checks import check_padding_mask, check_qkv
+from verger.fast_attention.feature_maps import FeatureMap, compute_dtype, get_feature_map
+from verger.fast_attention.ops.causal_linear import causal_linear
+
+__all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
+
+
+@dataclass
+class LinearAttentionState:
+    """Recurrent state after ``steps`` tokens: ``s = Σ φ(k) vᵀ`` (B, H, F, Dv), ``z = Σ φ(k)``."""
+
+    s: torch.Tensor
+    z: torch.Tensor
+    steps: int = 0
+
+    def nbytes(self) -> int:
+        """Memory held by the state: constant in the number of tokens seen."""
+        return self.s.numel() * self.s.element_size() + self.z.numel() * self.z.element_size()
+
+
+def _features(
+    fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    qf = fm(q, is_query=True)
+    kf = fm(k, is_query=False)
+    if mask is not None:  # padded keys contribute to neither numerator nor normalizer
+        kf = kf.masked_fill(mask[:, None, :, None], 0.0)
+    return qf, kf
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    feature_map: str | FeatureMap = "elu",
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    return_state: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    **feature_map_options: Any,
+) -> Any:
+    """Linear attention over (batch, heads, seq, dim) tensors; returns v's dtype and shape.
+
+    ``key_padding_mask`` is bool (batch, seq) with True at padded keys (nn.MultiheadAttention's
+    convention); outputs at padded positions are zero. With ``causal=True``,
+    ``return_state=True`` returns ``(out, state)`` so that a prompt is encoded in one call and
+    continued token by token with ``linear_attention_step``.
+    ``backend`` and ``chunk_size`` select the causal kernel (see ``ops.causal_product``).
+    """
+    check_qkv(q, k, v, same_length=causal)
+    if not isinstance(eps, float | int) or eps < 0:
+        raise ValueError(f"eps={eps!r} must be a float >= 0")
+    if return_state and not causal:
+        raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
+    mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
+    fm = get_feature_map(feature_map, q.shape[-1], **feature_map_options)
+    qf, kf = _features(fm, q, k, mask)
+    dtype = compute_dtype(v.dtype)
+    vv = v.to(dtype)
+    if causal:
+        out = causal_linear(qf, kf, vv, eps=float(eps), backend=backend, chunk_size=chunk_size)
+    else:
+        num = qf @ (kf.mT @ vv)
+        den = qf @ kf.sum(-2).unsqueeze(-1)
+        out = num / (den + eps)
+    if mask is not None and q.shape[2] == k.shape[2]:
+        out = out.masked_fill(mask[:, None, :, None], 0.0)
+    out = out.to(v.dtype)
+    if not return_state:
+        return out
+    with torch.no_grad():
+        s, z = kf.mT @ vv, kf.sum(-2)
+    return out, LinearAttentionState(s=s, z=z, steps=q.shape[2])
+
+
+def linear_attention_step(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    v_t: torch.Tensor,
+    state: LinearAttentionState | None = None,
+    *,
+    feature_map: str | FeatureMap = "elu",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """One token of causal linear attention in O(1) time and memory: the RNN form.
+
+    ``q_t``, ``k_t``: (batch, heads, dim); ``v_t``: (batch, heads, dv). Returns the output
+    (batch, heads, dv) in v's dtype and the updated state
+    ``s ← s + φ(k_t) v_tᵀ``, ``z ← z + φ(k_t)``. Pass the same FeatureMap instance as the batch
+    call (random-feature maps hold their projection).
+    """
+    for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(
+                f"{name} must be a (batch, heads, dim) tensor, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+    if q_t.shape != k_t.shape or q_t.shape[:2] != v_t.shape[:2]:
+        raise ValueError(
+            f"q_t, k_t must match and share (batch, heads) with v_t; got {tuple(q_t.shape)}, "
+            f"{tuple(k_t.shape)}, {tuple(v_t.shape)}"
+        )
+    fm = get_feature_map(feature_map, q_t.shape[-1])
+    qf = fm(q_t, is_query=True)
+    kf = fm(k_t, is_query=False)
+    vv = v_t.to(compute_dtype(v_t.dtype))
+    if state is None:
+        b, h, f = kf.shape
+        state = LinearAttentionState(
+            s=kf.new_zeros(b, h, f, vv.shape[-1]), z=kf.new_zeros(b, h, f), steps=0
+        )
+    elif state.s.shape[:3] != (*kf.shape[:2], kf.shape[-1]):
+        raise ValueError(
+            f"state.s has shape {tuple(state.s.shape)}, which does not fit features "
+            f"{tuple(kf.shape)} and values {tuple(v_t.shape)}"
+        )
+    s = state.s + kf.unsqueeze(-1) * vv.unsqueeze(-2)
+    z = state.z + kf
+    num = (qf.unsqueeze(-2) @ s).squeeze(-2)
+    den = (qf * z).sum(-1, keepdim=True)
+    out = (num / (den + eps)).to(v_t.dtype)
+    return out, LinearAttentionState(s=s, z=z, steps=state.steps + 1)

@@ -1,0 +1,177 @@
+"""Causal linear attention on features: dispatch between Triton and chunked torch.
+
+``causal_linear`` (normalized) and ``causal_product`` (unnormalized ``Σ_{j≤i} (q_i·k_j) v_j``)
+are differentiable with an O(N)-memory backward on every backend: the autograd Functions save
+only (N, D)-sized tensors, and the backward recomputes chunk states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from verger.fast_attention.ops.causal_linear.chunked import (
+    DEFAULT_CHUNK_SIZE,
+    causal_linear_backward_chunked,
+    causal_linear_forward_chunked,
+    causal_product_backward_chunked,
+    causal_product_chunked,
+)
+from verger.fast_attention.ops.causal_linear.reference import (
+    causal_linear_reference,
+    causal_product_reference,
+)
+from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON, causal_product_triton
+
+__all__ = [
+    "BACKENDS",
+    "causal_linear",
+    "causal_linear_reference",
+    "causal_product",
+    "causal_product_chunked",
+    "causal_product_reference",
+    "causal_product_triton",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` picks Triton on CUDA when it is installed, the chunked torch path otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    return backend
+
+
+class _CausalProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        backend: str,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.backend, ctx.chunk_size = backend, chunk_size
+        if backend == "triton":
+            return causal_product_triton(q, k, v, chunk_size=chunk_size)
+        return causal_product_chunked(q, k, v, chunk_size=chunk_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v = ctx.saved_tensors
+        if ctx.backend == "triton":
+            go = grad_out.to(q.dtype) if q.dtype != torch.float32 else grad_out
+            dq = causal_product_triton(go, v, k, chunk_size=ctx.chunk_size)
+            dk = causal_product_triton(v, go, q, reverse=True, chunk_size=ctx.chunk_size)
+            dv = causal_product_triton(k, q, go, reverse=True, chunk_size=ctx.chunk_size)
+        else:
+            dq, dk, dv = causal_product_backward_chunked(
+                q, k, v, grad_out, chunk_size=ctx.chunk_size
+            )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def causal_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``out_i = Σ_{j≤i} (q_i·k_j) v_j`` for (..., N, Dk), (..., N, Dk), (..., N, Dv) inputs.
+
+    Returns float32 (float64 for float64 inputs) with fp32 accumulation for 16-bit inputs.
+    ``backend``: ``auto`` (Triton on CUDA, chunked torch elsewhere), ``torch``, ``triton``
+    (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``reference`` (naive O(N²)).
+    """
+    _check_shapes(q, k, v, chunk_size)
+    resolved = resolve_backend(backend, q.device)
+    if resolved == "reference":
+        return causal_product_reference(q, k, v)
+    if resolved == "triton" and q.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32/float16/bfloat16 inputs, not float64")
+    size = chunk_size or (64 if resolved == "triton" else DEFAULT_CHUNK_SIZE)
+    return _CausalProduct.apply(q, k, v, resolved, size)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None) -> None:
+    if q.shape[:-1] != k.shape[:-1] or q.shape[-1] != k.shape[-1] or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"expected q, k of shape (..., N, Dk) and v of shape (..., N, Dv); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be None or a positive int")
+
+
+class _CausalLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        eps: float,
+        backend: str,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        if backend == "triton":
+            num = causal_product_triton(q, k, v, chunk_size=chunk_size)
+            den = (q.float() * k.float().cumsum(-2)).sum(-1, keepdim=True)
+            out = num / (den + eps)
+        else:
+            out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
+        ctx.save_for_backward(q, k, v, out, den)
+        ctx.eps, ctx.backend, ctx.chunk_size = eps, backend, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, den = ctx.saved_tensors
+        if ctx.backend != "triton":
+            dq, dk, dv = causal_linear_backward_chunked(
+                q, k, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
+            )
+        else:
+            inv = (den + ctx.eps).reciprocal()
+            g = grad_out * inv
+            dden = -(grad_out * out).sum(-1, keepdim=True) * inv
+            gq = g.to(q.dtype) if q.dtype != torch.float32 else g
+            size = ctx.chunk_size
+            dq = causal_product_triton(gq, v, k, chunk_size=size)
+            dq += dden * k.float().cumsum(-2)
+            dk = causal_product_triton(v, gq, q, reverse=True, chunk_size=size)
+            dk += (dden * q.float()).flip(-2).cumsum(-2).flip(-2)
+            dv = causal_product_triton(k, q, gq, reverse=True, chunk_size=size)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def causal_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``out_i = Σ_{j≤i} (q_i·k_j) v_j / (Σ_{j≤i} q_i·k_j + eps)`` on (non-negative) features.
+
+    Returns float32 (float64 for float64 inputs); see ``causal_product`` for ``backend``.
+    """
+    _check_shapes(q, k, v, chunk_size)
+    resolved = resolve_backend(backend, q.device)
+    if resolved == "reference":
+        return causal_linear_reference(q, k, v, eps)
+    if resolved == "triton" and q.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32/float16/bfloat16 inputs, not float64")
+    size = chunk_size or (64 if resolved == "triton" else DEFAULT_CHUNK_SIZE)
+    return _CausalLinear.apply(q, k, v, float(eps), resolved, size)

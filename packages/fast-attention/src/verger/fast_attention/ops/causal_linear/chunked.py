@@ -1,0 +1,168 @@
+"""Chunked causal products in pure torch: the fast CPU path (and the GPU fallback).
+
+The sequence is cut into chunks of ``chunk_size`` positions. Inside a chunk the masked product
+``tril(a bᵀ) c`` is a small dense matmul; across chunks the contribution of everything earlier is
+``a · S`` where ``S`` is the exclusive prefix sum of the per-chunk states ``bᵀ c``. All work is a
+handful of large batched matmuls with fp32 accumulation, memory is O(N·(C + Dk·Dv/C)) per head,
+and there is no Python loop over positions or chunks. The backward recomputes the chunk states
+instead of saving them, so training memory is O(N) as well.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from verger.fast_attention.feature_maps import compute_dtype
+
+DEFAULT_CHUNK_SIZE = 128
+
+
+def _exclusive_cumsum(states: torch.Tensor, *, reverse: bool) -> torch.Tensor:
+    """Sum of the states of the strictly earlier (or, reversed, later) chunks; dim -3 is chunks."""
+    if reverse:
+        states = states.flip(-3)
+    out = torch.empty_like(states)
+    out[..., :1, :, :] = 0
+    torch.cumsum(states[..., :-1, :, :], dim=-3, out=out[..., 1:, :, :])
+    return out.flip(-3) if reverse else out
+
+
+class _Chunker:
+    """Pads the sequence to whole chunks and views (..., N, D) tensors as (batch·chunks, C, D)."""
+
+    def __init__(self, shape: torch.Size, chunk_size: int) -> None:
+        *self.batch, self.n, _ = shape
+        self.size = max(1, min(chunk_size, self.n))
+        self.pad = (-self.n) % self.size
+        self.chunks = (self.n + self.pad) // self.size
+
+    def split(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = t.to(dtype)
+        if self.pad:  # zero rows add nothing to any product; padded outputs are cut in merge
+            t = F.pad(t, (0, 0, 0, self.pad))
+        return t.reshape(-1, self.size, t.shape[-1])
+
+    def merge(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.view(*self.batch, self.n + self.pad, t.shape[-1])
+        return t[..., : self.n, :] if self.pad else t
+
+    def prefix(self, left: torch.Tensor, right: torch.Tensor, *, reverse: bool) -> torch.Tensor:
+        """Per chunk, Σ over strictly earlier (later) chunks of ``leftᵀ right``."""
+        states = torch.matmul(left.mT, right)
+        states = states.view(-1, self.chunks, *states.shape[-2:])
+        return _exclusive_cumsum(states, reverse=reverse).view(-1, *states.shape[-2:])
+
+
+def causal_product_chunked(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    reverse: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``out_i = Σ_{j ≤ i} (a_i · b_j) c_j`` (``j ≥ i`` when ``reverse``).
+
+    ``a``, ``b``: (..., N, Dk); ``c``: (..., N, Dv). Returns (..., N, Dv) in float32 (float64
+    for float64 inputs).
+    """
+    dtype = compute_dtype(a.dtype)
+    ch = _Chunker(a.shape, chunk_size)
+    a3, b3, c3 = ch.split(a, dtype), ch.split(b, dtype), ch.split(c, dtype)
+    prefix = ch.prefix(b3, c3, reverse=reverse)
+    scores = torch.matmul(a3, b3.mT)
+    scores = scores.triu_() if reverse else scores.tril_()
+    return ch.merge(torch.baddbmm(torch.bmm(a3, prefix), scores, c3))
+
+
+def causal_product_backward_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``out = causal_product(q, k, v)`` (the paper's cumulative-sum form, chunked).
+
+    ``dq_i = Σ_{j≤i} (do_i·v_j) k_j``, ``dk_j = Σ_{i≥j} (do_i·v_j) q_i``,
+    ``dv_j = Σ_{i≥j} (q_i·k_j) do_i``; the two masked score matrices are shared between them,
+    and the chunk states are recomputed rather than stored by the forward.
+    """
+    dtype = compute_dtype(q.dtype)
+    ch = _Chunker(q.shape, chunk_size)
+    q3, k3, v3, do3 = (ch.split(t, dtype) for t in (q, k, v, grad_out))
+    kv_prefix = ch.prefix(k3, v3, reverse=False)  # Σ_{earlier chunks} k vᵀ
+    qdo_suffix = ch.prefix(q3, do3, reverse=True)  # Σ_{later chunks} q doᵀ
+    d_scores = torch.matmul(do3, v3.mT).tril_()  # (do_i · v_j), j ≤ i
+    scores = torch.matmul(q3, k3.mT).tril_()  # (q_i · k_j), j ≤ i
+    dq = torch.baddbmm(torch.matmul(do3, kv_prefix.mT), d_scores, k3)
+    dk = torch.baddbmm(torch.matmul(v3, qdo_suffix.mT), d_scores.mT, q3)
+    dv = torch.baddbmm(torch.matmul(k3, qdo_suffix), scores.mT, do3)
+    return ch.merge(dq), ch.merge(dk), ch.merge(dv)
+
+
+def causal_linear_forward_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized causal linear attention on features: ``(out, den)``.
+
+    ``out_i = Σ_{j≤i} (q_i·k_j) v_j / (den_i + eps)`` with ``den_i = Σ_{j≤i} q_i·k_j``; the
+    normalizer comes from the same masked score matrix (its row sums) and a prefix of per-chunk
+    key sums, so it costs no extra pass over the sequence.
+    """
+    dtype = compute_dtype(q.dtype)
+    ch = _Chunker(q.shape, chunk_size)
+    q3, k3, v3 = ch.split(q, dtype), ch.split(k, dtype), ch.split(v, dtype)
+    kv_prefix = ch.prefix(k3, v3, reverse=False)
+    k_prefix = ch.prefix(k3, torch.ones_like(k3[..., :1]), reverse=False)  # (·, F, 1)
+    scores = torch.matmul(q3, k3.mT).tril_()
+    num = torch.baddbmm(torch.bmm(q3, kv_prefix), scores, v3)
+    den = torch.bmm(q3, k_prefix).add_(scores.sum(-1, keepdim=True))
+    num.div_(den + eps)
+    return ch.merge(num), ch.merge(den)
+
+
+def causal_linear_backward_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    den: torch.Tensor,
+    grad_out: torch.Tensor,
+    eps: float,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``causal_linear_forward_chunked`` through the normalizer.
+
+    With ``g = dout / (den + eps)`` and ``dden = −(dout · out) / (den + eps)``, every term is a
+    product with the masked score matrix ``tril(g vᵀ + dden 1ᵀ)`` or with prefix / suffix sums
+    of chunk states, which are recomputed here rather than saved by the forward.
+    """
+    dtype = compute_dtype(q.dtype)
+    ch = _Chunker(q.shape, chunk_size)
+    q3, k3, v3 = (ch.split(t, dtype) for t in (q, k, v))
+    out3, den3, go3 = (ch.split(t, dtype) for t in (out, den, grad_out))
+    inv = (den3 + eps).reciprocal_()
+    g3 = go3 * inv
+    dden = (go3 * out3).sum(-1, keepdim=True).mul_(inv).neg_()  # (·, C, 1)
+    ones = torch.ones_like(k3[..., :1])
+    kv_prefix = ch.prefix(k3, v3, reverse=False)
+    k_prefix = ch.prefix(k3, ones, reverse=False)  # (·, F, 1)
+    qg_suffix = ch.prefix(q3, g3, reverse=True)  # Σ_{later chunks} q gᵀ: (·, F, Dv)
+    qd_suffix = ch.prefix(q3, dden, reverse=True)  # Σ_{later chunks} q dden: (·, F, 1)
+    d_scores = torch.baddbmm(dden, g3, v3.mT).tril_()  # g_i·v_j + dden_i, j ≤ i
+    scores = torch.matmul(q3, k3.mT).tril_()
+    dq = torch.baddbmm(torch.bmm(g3, kv_prefix.mT), d_scores, k3)
+    dq.baddbmm_(dden, k_prefix.mT)
+    dk = torch.baddbmm(torch.bmm(v3, qg_suffix.mT), d_scores.mT, q3)
+    dk.add_(qd_suffix.mT)
+    dv = torch.baddbmm(torch.bmm(k3, qg_suffix), scores.mT, g3)
+    return ch.merge(dq), ch.merge(dk), ch.merge(dv)

@@ -1,0 +1,143 @@
+"""The causal linear kernels (chunked torch and Triton) against the naive O(N²) spec."""
+
+import pytest
+import torch
+
+from verger.core.testing import assert_close
+from verger.fast_attention.ops.causal_linear import (
+    causal_linear,
+    causal_linear_reference,
+    causal_product,
+    causal_product_chunked,
+    causal_product_reference,
+    causal_product_triton,
+)
+from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def _features(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(*shape, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 130])
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_product_matches_reference(n, chunk, reverse):
+    a, b, c = _features(2, 3, n, 12)
+    out = causal_product_chunked(a, b, c, reverse=reverse, chunk_size=chunk)
+    assert_close(out, causal_product_reference(a, b, c, reverse=reverse), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [5, 100])
+def test_causal_linear_forward_and_grads_match_reference(n):
+    q, k, v = (t.requires_grad_() for t in _features(2, 3, n, 8))
+    out = causal_linear(q, k, v, chunk_size=32)
+    ref = causal_linear_reference(q, k, v)
+    assert_close(out, ref, rtol=1e-5, name="out")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, rtol=1e-5, name=f"d{name}")
+
+
+def test_gradcheck_fp64():
+    q, k, v = (t.double().requires_grad_() for t in _features(1, 2, 21, 4))
+    assert torch.autograd.gradcheck(lambda *x: causal_linear(*x, chunk_size=8), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: causal_product(*x, chunk_size=8), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    q, k, v = _features(1, 2, 300, 16, dtype=dtype)
+    out = causal_linear(q, k, v, backend="torch")
+    assert out.dtype == torch.float32
+    assert_close(out, causal_linear_reference(q.float(), k.float(), v.float()), rtol=1e-5)
+
+
+def _saved_bytes(n):
+    total, biggest = 0, 0
+
+    def pack(t):
+        nonlocal total, biggest
+        total += t.numel() * t.element_size()
+        biggest = max(biggest, t.numel())
+        return t
+
+    q, k, v = (t.requires_grad_() for t in _features(1, 2, n, 16))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_linear(q, k, v, chunk_size=64).sum().backward()
+    return total, biggest
+
+
+def test_backward_memory_is_linear_in_length():
+    small, _ = _saved_bytes(512)
+    large, biggest = _saved_bytes(2048)
+    assert large / small <= 4.05  # O(N): what autograd keeps grows with the length, no faster
+    assert biggest <= 2 * 2048 * 16  # never an N×N matrix nor per-position D×D states
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _features(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="shape"):
+        causal_linear(q, k[:, :, :5], v)
+    with pytest.raises(ValueError, match="chunk_size"):
+        causal_linear(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        causal_linear(q, k, v, backend="cuda")
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 37, 100])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_product_matches_reference_fp32(n, reverse):
+    a, b, c = _features(2, 2, n, 16)
+    out = causal_product_triton(a, b, c, reverse=reverse, chunk_size=16)
+    assert_close(out, causal_product_reference(a, b, c, reverse=reverse), rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_triton_causal_linear_forward_backward(dtype, tol):
+    q, k, v = (t.requires_grad_() for t in _features(2, 2, 45, 16, dtype=dtype))
+    out = causal_linear(q, k, v, backend="triton", chunk_size=16)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = causal_linear_reference(qf, kf, vf)
+    assert_close(out, ref, rtol=tol, name="out")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype
+        assert_close(a.float(), b, rtol=tol, name=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_on_gpu_all_dtypes(dtype):
+    q, k, v = (t.cuda().requires_grad_() for t in _features(2, 4, 1000, 64, dtype=dtype))
+    out = causal_linear(q, k, v)  # auto -> triton on CUDA
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = causal_linear_reference(qf, kf, vf)
+    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    for a, b in zip(got, want):
+        assert_close(a.float(), b, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_matches_flash_linear_attention_if_installed():
+    fla = pytest.importorskip("fla.ops.linear_attn")
+    q, k, v = (t.cuda().half() for t in _features(1, 4, 2048, 64))
+    ours = causal_product(q, k, v)
+    theirs = fla.chunk_linear_attn(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0, normalize=False
+    )[0].transpose(1, 2)
+    assert_close(ours, theirs.float(), rtol=5e-3)

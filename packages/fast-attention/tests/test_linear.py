@@ -1,0 +1,128 @@
+"""linear_attention and linear_attention_step against the paper's formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verger.core.testing import assert_close
+from verger.fast_attention import (
+    FavorFeatureMap,
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_step,
+)
+
+
+def _qkv(b=2, h=3, n=33, d=8, dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    return (
+        torch.randn(b, h, n, d, generator=g).to(dtype),
+        torch.randn(b, h, n, d, generator=g).to(dtype),
+        torch.randn(b, h, n, dv, generator=g).to(dtype),
+    )
+
+
+def naive(q, k, v, causal, phi=lambda x: F.elu(x) + 1, eps=1e-6):
+    """V'_i = Σ_j φ(q_i)·φ(k_j) v_j / (Σ_j φ(q_i)·φ(k_j) + eps), j ≤ i when causal."""
+    sim = phi(q.double()) @ phi(k.double()).mT
+    if causal:
+        sim = sim.tril()
+    return (sim @ v.double()) / (sim.sum(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [1, 33, 200])
+def test_matches_naive_formula(causal, n):
+    q, k, v = _qkv(n=n, dv=5)
+    assert_close(linear_attention(q, k, v, causal=causal), naive(q, k, v, causal), rtol=1e-5)
+
+
+def test_cross_attention_lengths():
+    q, _, _ = _qkv(n=7)
+    _, k, v = _qkv(n=19, seed=1)
+    assert_close(linear_attention(q, k, v), naive(q, k, v, False), rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_fp64(causal):
+    q, k, v = (t.double().requires_grad_() for t in _qkv(b=1, h=2, n=13, d=4))
+    assert torch.autograd.gradcheck(
+        lambda *x: linear_attention(*x, causal=causal, chunk_size=4), (q, k, v)
+    )
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "favor"])
+def test_recurrent_steps_equal_causal_batch(feature_map):
+    q, k, v = _qkv(n=40)
+    fm = FavorFeatureMap(8, 32, seed=3) if feature_map == "favor" else "elu"
+    full = linear_attention(q, k, v, causal=True, feature_map=fm)
+    state = None
+    for t in range(q.shape[2]):
+        out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, feature_map=fm)
+        assert_close(out, full[:, :, t], rtol=1e-5, name=f"step {t}")
+    assert state.steps == 40
+    f = 32 if feature_map == "favor" else 8
+    assert state.nbytes() == (2 * 3 * f * 8 + 2 * 3 * f) * 4  # constant, whatever the length
+
+
+def test_prompt_state_then_steps():
+    q, k, v = _qkv(n=30)
+    full = linear_attention(q, k, v, causal=True)
+    prefix, state = linear_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True, return_state=True)
+    assert isinstance(state, LinearAttentionState)
+    assert_close(prefix, full[:, :, :20], rtol=1e-5)
+    for t in range(20, 30):
+        out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state)
+        assert_close(out, full[:, :, t], rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ragged_lengths_with_padding_mask(causal):
+    q, k, v = _qkv(b=3, n=24)
+    lengths = [24, 17, 5]
+    mask = torch.arange(24)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
+    out = linear_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    for i, n in enumerate(lengths):
+        alone = linear_attention(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n], causal=causal)
+        assert_close(out[i : i + 1, :, :n], alone, rtol=1e-5, name=f"row {i}")
+        assert torch.all(out[i, :, n:] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_inputs_return_half_close_to_fp32(dtype, causal):
+    q, k, v = _qkv(n=64, dtype=dtype)
+    out = linear_attention(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    ref = naive(q.float(), k.float(), v.float(), causal)
+    assert_close(out.float(), ref.float(), rtol=1e-2)
+
+
+def test_bad_arguments():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="batch, heads, seq, dim"):
+        linear_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="feature_map"):
+        linear_attention(q, k, v, feature_map="relu6")
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        linear_attention(q, k, v, key_padding_mask=torch.zeros(2, 33))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        linear_attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="causal"):
+        linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="return_state"):
+        linear_attention(q, k, v, return_state=True)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_attention(q.long(), k, v)
+    with pytest.raises(ValueError, match="q_t"):
+        linear_attention_step(q, k, v)
+
+
+def test_torch_compile_cpu():
+    q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, n=40, d=8))
+    compiled = torch.compile(lambda *x: linear_attention(*x, causal=True), backend="aot_eager")
+    out = compiled(q, k, v)
+    assert_close(out, linear_attention(q, k, v, causal=True), rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()

@@ -1,0 +1,179 @@
+"""``bench``: DiLoCo vs 1/4-MLP partial updates on the same tiny LM, tokens and outer steps.
+
+Measured in one run: one worker's inner step (FLOPs by the FLOP counter and the analytic
+model, peak tensor memory, interleaved wall time) and full simulated trainings of DiLoCo,
+partial updates and their streaming variants (validation loss vs tokens and vs bytes sent).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from verger.core.bench import Report, compare, count_flops, measure_peak_memory, new_figure
+from verger.sparse_diloco.config import DiLoCoConfig
+from verger.sparse_diloco.engine import DiLoCo
+from verger.sparse_diloco.flops import step_flops
+from verger.sparse_diloco.runner import TrainSpec, get_task, train_run
+
+VARIANTS = {  # name -> (plan, num_fragments)
+    "diloco": ("full", 1),
+    "partial": ("mlp", 1),
+    "diloco-streaming": ("full", 2),
+    "partial-streaming": ("mlp", 2),
+}
+
+
+def bench_settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
+    """Sizes of the benchmark (``quick``: under 2 minutes on 2 CPU cores)."""
+    task_options = dict(size="tiny", seq_len=64, batch_size=4, val_batches=8, device=device)
+    config = DiLoCoConfig(
+        num_workers=4,
+        inner_steps=10 if quick else 25,
+        inner_lr=2e-3,
+        inner_warmup=10,
+        inner_weight_decay=0.1,
+        grad_clip=1.0,
+    )
+    return dict(task_options=task_options, config=config, rounds=6 if quick else 20)
+
+
+def inner_step_figures(
+    task_options: dict[str, Any], config: DiLoCoConfig, *, repeats: int
+) -> dict[str, Any]:
+    """FLOPs, peak memory and wall time of one worker's inner step, DiLoCo vs partial."""
+    task = get_task("lm", 0, task_options)
+    plans = {
+        "diloco": TrainSpec(plan="full", config=config).make_plan(task.model),
+        "partial": TrainSpec(plan="mlp", config=config).make_plan(task.model),
+    }
+    batch = task.data.batch(0, 0)
+    seq_len = task_options["seq_len"]
+    out: dict[str, Any] = {"plans": {k: p.summary() for k, p in plans.items()}}
+
+    def engine(plan_name: str) -> DiLoCo:
+        return DiLoCo(
+            copy.deepcopy(task.model), plans[plan_name], config, loss_fn=task.loss_fn, data=task.data
+        )
+
+    engines = {k: engine(k) for k in plans}
+    for name, eng in engines.items():
+        worker = eng.workers[0]
+        out[f"{name}_flops"] = count_flops(lambda w=worker: task.loss_fn(w.model, batch).backward())
+        worker.optimizer.zero_grad(set_to_none=True)
+        out[f"{name}_flops_model"] = step_flops(
+            task.model, plans[name], 0, batch_size=batch[0].shape[0], seq_len=seq_len,
+            attention_scores=False,
+        ).total
+
+        def train_a_worker(plan_name: str = name) -> None:
+            # what a worker allocates: its model copy, gradients, AdamW state, activations
+            fresh = engine(plan_name)
+            for _ in range(2):
+                fresh.inner_step(fresh.workers[0])
+
+        out[f"{name}_peak_bytes"] = measure_peak_memory(train_a_worker, device=torch.device("cpu"))
+    timings = compare(
+        {k: (lambda e=e: e.inner_step(e.workers[0])) for k, e in engines.items()},
+        warmup=3,
+        repeats=repeats,
+    )
+    out["timings"] = timings
+    return out
+
+
+def run_bench(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark, write metrics.json / report.md / PNGs; return the metrics."""
+    from verger.core.train import progress
+
+    settings = bench_settings(quick)
+    config: DiLoCoConfig = settings["config"]
+    report = Report(out_dir, title="verger-sparse-diloco bench: DiLoCo vs partial updates")
+    step = inner_step_figures(settings["task_options"], config, repeats=10 if quick else 30)
+    histories: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in progress(list(VARIANTS), desc="trainings"):
+        plan, fragments = VARIANTS[name]
+        spec = TrainSpec(
+            task="lm",
+            task_options=settings["task_options"],
+            plan=plan,
+            config=replace(config, num_fragments=fragments),
+            rounds=settings["rounds"],
+            seed=seed,
+        )
+        results[name] = train_run(spec)
+        histories[name] = results[name]["history"]
+
+    final = {k: h[-1]["val_loss"] for k, h in histories.items()}
+    bytes_sent = {k: r["bytes_sent"] for k, r in results.items()}
+    t = step["timings"]
+    metrics = {
+        "flops_ratio_vs_diloco": step["partial_flops"] / step["diloco_flops"],
+        "peak_memory_ratio_vs_diloco": step["partial_peak_bytes"] / step["diloco_peak_bytes"],
+        "step_time_ratio_vs_diloco": t["partial"].median_s / t["diloco"].median_s,
+        "val_loss_ratio_vs_diloco": final["partial"] / final["diloco"],
+        "comm_bytes_ratio_vs_diloco": bytes_sent["partial"] / bytes_sent["diloco"],
+        "flops_model_ratio_vs_diloco": step["partial_flops_model"] / step["diloco_flops_model"],
+        "flops_model_error": abs(step["partial_flops_model"] / step["partial_flops"] - 1),
+        "val_loss_diloco": final["diloco"],
+        "val_loss_partial": final["partial"],
+        "val_loss_diloco_streaming": final["diloco-streaming"],
+        "val_loss_partial_streaming": final["partial-streaming"],
+        "comm_bytes_diloco": bytes_sent["diloco"],
+        "comm_bytes_partial": bytes_sent["partial"],
+        "peak_bytes_diloco": step["diloco_peak_bytes"],
+        "peak_bytes_partial": step["partial_peak_bytes"],
+        "step_ms_diloco": t["diloco"].median_s * 1e3,
+        "step_ms_partial": t["partial"].median_s * 1e3,
+        "trained_fraction_partial": step["plans"]["partial"]["trained_fraction_mean"],
+        "tokens": histories["diloco"][-1]["tokens"],
+        "outer_steps": settings["rounds"],
+        "quick": quick,
+    }
+    for key, value in metrics.items():
+        report.metric(key, value)
+    report.text(
+        f"Tiny byte-level LM ({settings['task_options']}), {config.num_workers} workers, "
+        f"H={config.inner_steps}, {settings['rounds']} outer steps, same tokens for every "
+        "variant. Partial = each worker trains 1/4 of every MLP's hidden units; attention, "
+        "embeddings and norms are shared-trainable. Peak memory: tensor storage a worker "
+        "allocates for its model copy, gradients, AdamW state and activations (the anchor and "
+        "outer momentum are host state between syncs, as in DiLoCo). Machine: 2 shared CPU "
+        "cores (timings are noisy)."
+    )
+    report.timings("Inner step wall time", t, baseline="diloco")
+    report.table(
+        "Final validation loss and bytes sent",
+        [
+            {"variant": k, "val loss": final[k], "MB sent": bytes_sent[k] / 1e6}
+            for k in VARIANTS
+        ],
+    )
+    report.plot("val_loss", plot_curves(histories))
+    report.write()
+    return metrics
+
+
+def plot_curves(histories: dict[str, list[dict[str, float]]]) -> Any:
+    """Validation loss vs tokens and vs bytes communicated, one line per variant."""
+    fig, (ax1, ax2) = new_figure(width=11, height=4)[0], (None, None)
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, hist in histories.items():
+        style = "--" if "streaming" in name else "-"
+        tokens = [h["tokens"] / 1e6 for h in hist]
+        sent = [h["bytes_sent"] / 1e6 for h in hist]
+        loss = [h["val_loss"] for h in hist]
+        ax1.plot(tokens, loss, style, marker="o", ms=3, label=name)
+        ax2.plot(sent, loss, style, marker="o", ms=3, label=name)
+    ax1.set(xlabel="tokens (M, all workers)", ylabel="validation loss (nats/byte)")
+    ax2.set(xlabel="bytes communicated (MB, all workers)", ylabel="validation loss")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,76 @@
+"""Checkpoints of a DiLoCo run: the global state once, each worker's inner state beside it.
+
+Layout: ``DIR/round_000012/global.pt`` (anchor parameters, outer momentum, counters) and
+``DIR/round_000012/worker_3.pt`` (trained coordinates, AdamW state, data position), each file
+written atomically. In a multi-process run every rank writes its own worker file and rank 0
+the global one; a round is complete, and can be resumed, only when all W+1 files exist, so a
+crash mid-save falls back to the previous round with nothing lost.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from verger.core.train.atomic import atomic_path
+from verger.sparse_diloco.engine import DiLoCo
+
+_ROUND = re.compile(r"^round_(\d{6})$")
+
+
+class RunCheckpointer:
+    """Save/resume `DiLoCo` state under ``directory``; keeps the ``keep`` latest rounds."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep={keep!r} must be >= 1")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def _round_dir(self, round_index: int) -> Path:
+        return self.directory / f"round_{round_index:06d}"
+
+    def save(self, engine: DiLoCo, *, write_global: bool = True) -> Path:
+        """Write this process's workers (and the global state when ``write_global``)."""
+        folder = self._round_dir(engine.rounds_done)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in engine.workers:
+            with atomic_path(folder / f"worker_{k}.pt") as tmp:
+                torch.save(engine.worker_state_dict(k), tmp)
+        if write_global:
+            with atomic_path(folder / "global.pt") as tmp:
+                torch.save(engine.global_state_dict(), tmp)
+            self._prune(engine.config.num_workers)
+        return folder
+
+    def complete_rounds(self, num_workers: int) -> list[int]:
+        """Rounds with the global file and every worker file present, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        done = []
+        for path in self.directory.iterdir():
+            m = _ROUND.match(path.name)
+            files = ["global.pt", *(f"worker_{k}.pt" for k in range(num_workers))]
+            if m and all((path / f).is_file() for f in files):
+                done.append(int(m.group(1)))
+        return sorted(done)
+
+    def load_latest(self, engine: DiLoCo) -> int | None:
+        """Restore the newest complete round into ``engine``; returns its index or None."""
+        rounds = self.complete_rounds(engine.config.num_workers)
+        if not rounds:
+            return None
+        folder = self._round_dir(rounds[-1])
+        engine.load_global_state_dict(torch.load(folder / "global.pt", weights_only=False))
+        for k in engine.workers:
+            state = torch.load(folder / f"worker_{k}.pt", weights_only=False)
+            engine.load_worker_state_dict(k, state)
+        return rounds[-1]
+
+    def _prune(self, num_workers: int) -> None:
+        rounds = self.complete_rounds(num_workers)
+        for r in rounds[: -self.keep]:
+            shutil.rmtree(self._round_dir(r), ignore_errors=True)

@@ -1,0 +1,77 @@
+"""The DiLoCo / partial-update hyper-parameters, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from verger.sparse_diloco.compression import SUPPORTED_BITS, Codec
+
+
+@dataclass(kw_only=True)
+class DiLoCoConfig:
+    """Inner AdamW, outer Nesterov SGD (DiLoCo defaults), streaming and compression options.
+
+    ``inner_steps`` is H, the local steps between two syncs of a tensor. With
+    ``num_fragments = F > 1`` (Streaming DiLoCo) the parameters are split into F fragments and
+    one fragment is synced every H/F inner steps, so each is still synced every H steps.
+    ``compression_bits`` (4, 8 or 32) is the wire precision of pseudo-gradients.
+    """
+
+    num_workers: int = 4
+    inner_steps: int = 500
+    inner_lr: float = 4e-4
+    inner_weight_decay: float = 0.1
+    inner_betas: tuple[float, float] = (0.9, 0.95)
+    inner_warmup: int = 0
+    grad_clip: float | None = 1.0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    num_fragments: int = 1
+    compression_bits: int = 32
+    compression_block: int = 256
+
+    def __post_init__(self) -> None:
+        _positive_int("num_workers", self.num_workers)
+        _positive_int("inner_steps", self.inner_steps)
+        _positive_int("num_fragments", self.num_fragments)
+        if self.inner_steps % self.num_fragments:
+            raise ValueError(
+                f"inner_steps={self.inner_steps} must be a multiple of "
+                f"num_fragments={self.num_fragments} (one fragment syncs every H/F steps)"
+            )
+        if not (isinstance(self.inner_warmup, int) and self.inner_warmup >= 0):
+            raise ValueError(f"inner_warmup={self.inner_warmup!r} must be an int >= 0")
+        if not self.inner_lr > 0:
+            raise ValueError(f"inner_lr={self.inner_lr!r} must be > 0")
+        if not self.inner_weight_decay >= 0:
+            raise ValueError(f"inner_weight_decay={self.inner_weight_decay!r} must be >= 0")
+        if len(self.inner_betas) != 2 or not all(0 <= b < 1 for b in self.inner_betas):
+            raise ValueError(f"inner_betas={self.inner_betas!r} must be two floats in [0, 1)")
+        self.inner_betas = (float(self.inner_betas[0]), float(self.inner_betas[1]))
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0 or None")
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr={self.outer_lr!r} must be > 0")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum={self.outer_momentum!r} must be in [0, 1)")
+        if self.nesterov and self.outer_momentum == 0:
+            raise ValueError("nesterov=True needs outer_momentum > 0")
+        if self.compression_bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"compression_bits={self.compression_bits!r} must be one of {SUPPORTED_BITS}"
+            )
+        self.codec()  # validates compression_block
+
+    def codec(self) -> Codec:
+        return Codec(bits=self.compression_bits, block_size=self.compression_block)
+
+    @property
+    def sync_interval(self) -> int:
+        """Inner steps between two consecutive (fragment) syncs."""
+        return self.inner_steps // self.num_fragments
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")

@@ -1,0 +1,96 @@
+"""The specification: DiLoCo with coordinate masks, written as plainly as possible.
+
+Every worker is a full copy of the model trained with full gradients and a full AdamW; its
+gradients are multiplied by its mask and its frozen coordinates are put back after each step.
+This is slow and memory-hungry on purpose: it is what `DiLoCo` must equal (tests), with none
+of its machinery (views, custom backward, payload encoding, transports).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from verger.sparse_diloco.config import DiLoCoConfig
+from verger.sparse_diloco.engine import BatchSource, LossFn
+
+
+def reference_diloco(
+    model: nn.Module,
+    config: DiLoCoConfig,
+    *,
+    loss_fn: LossFn,
+    data: BatchSource,
+    rounds: int,
+    masks: list[dict[str, torch.Tensor]] | None = None,
+    fragments: list[list[str]] | None = None,
+) -> nn.Module:
+    """Train a copy of ``model`` for ``rounds`` rounds; return the global model.
+
+    ``masks[k][name]`` (bool, full shape) marks what worker k trains; None = everything.
+    ``fragments`` lists the parameter groups synced in turn (default: one group of all).
+    """
+    W, H = config.num_workers, config.inner_steps
+    global_model = copy.deepcopy(model)
+    anchor = dict(global_model.named_parameters())
+    names = list(anchor)
+    if masks is None:
+        masks = [{n: torch.ones_like(p, dtype=torch.bool) for n, p in anchor.items()}] * W
+    counts = {n: sum(m[n].to(torch.float32) for m in masks) for n in names}
+    fragments = fragments or [names]
+    locals_ = [copy.deepcopy(global_model) for _ in range(W)]
+    opts = [
+        torch.optim.AdamW(
+            m.parameters(),
+            lr=config.inner_lr,
+            betas=config.inner_betas,
+            weight_decay=config.inner_weight_decay,
+            foreach=False,
+        )
+        for m in locals_
+    ]
+    warm = config.inner_warmup
+    steps = [0] * W
+    momentum = {n: torch.zeros_like(p) for n, p in anchor.items()}
+    interval = H // len(fragments)
+    sync_index = 0
+    for _ in range(rounds * len(fragments)):
+        for k in range(W):
+            params = dict(locals_[k].named_parameters())
+            for _ in range(interval):
+                for group in opts[k].param_groups:
+                    group["lr"] = config.inner_lr * (min(1.0, (steps[k] + 1) / warm) if warm else 1)
+                loss = loss_fn(locals_[k], data.batch(k, steps[k]))
+                loss.backward()
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.grad.mul_(masks[k][n])
+                    if config.grad_clip is not None:
+                        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params.values()))
+                        scale = min(1.0, config.grad_clip / (float(norm) + 1e-6))
+                        for p in params.values():
+                            p.grad.mul_(scale)
+                opts[k].step()
+                opts[k].zero_grad(set_to_none=True)
+                with torch.no_grad():  # frozen coordinates always equal the anchor
+                    for n, p in params.items():
+                        p.copy_(torch.where(masks[k][n], p, anchor[n]))
+                steps[k] += 1
+        group_names = fragments[sync_index % len(fragments)]
+        sync_index += 1
+        with torch.no_grad():
+            for n in group_names:
+                delta = sum(
+                    masks[k][n] * (anchor[n] - dict(locals_[k].named_parameters())[n])
+                    for k in range(W)
+                )
+                g = delta / counts[n].clamp_min(1.0)
+                mu = config.outer_momentum
+                momentum[n].mul_(mu).add_(g)
+                step = g + mu * momentum[n] if config.nesterov else momentum[n]
+                anchor[n].sub_(config.outer_lr * step)
+                for k in range(W):
+                    dict(locals_[k].named_parameters())[n].copy_(anchor[n])
+    return global_model

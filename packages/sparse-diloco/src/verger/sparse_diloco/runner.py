@@ -1,0 +1,167 @@
+"""One training run from a picklable spec: simulated in-process or one worker per rank.
+
+`TrainSpec` names the task (model + data), the subset plan and the DiLoCo config. `train_run`
+runs it with any transport, resuming from ``checkpoint_dir`` when it holds a complete round;
+`distributed_main` is the per-rank entry used by torchrun (``python -m verger.sparse_diloco
+train ...``) and by ``verger.core.distributed.run_multiprocess`` in tests and the demo.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from verger.sparse_diloco.checkpoint import RunCheckpointer
+from verger.sparse_diloco.config import DiLoCoConfig
+from verger.sparse_diloco.engine import BatchSource, DiLoCo, LossFn
+from verger.sparse_diloco.subset import SubsetPlan
+from verger.sparse_diloco.transport import ProcessGroupTransport, Transport
+
+PLANS = ("full", "mlp")
+
+
+@dataclass
+class Task:
+    """What a run trains: the initial model, its loss, its data and a validation loss."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    data: BatchSource
+    evaluate: Callable[[nn.Module], float]
+    tokens_per_step: int  # tokens (or samples) one worker consumes per inner step
+
+
+TaskBuilder = Callable[[int, dict[str, Any]], Task]
+TASKS: dict[str, TaskBuilder] = {}
+
+
+def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    def wrap(builder: TaskBuilder) -> TaskBuilder:
+        TASKS[name] = builder
+        return builder
+
+    return wrap
+
+
+@register_task("toy")
+def _toy_task(seed: int, options: dict[str, Any]) -> Task:
+    from verger.sparse_diloco.toy import ToyData, toy_loss, toy_model
+
+    model = toy_model(seed, **options.get("model", {}))
+    data = ToyData(seed=seed, batch_size=options.get("batch_size", 16))
+    held_out = [data.batch(worker=10_000, step=s) for s in range(4)]
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> float:
+        return sum(float(toy_loss(m, b)) for b in held_out) / len(held_out)
+
+    return Task(model, toy_loss, data, evaluate, tokens_per_step=data.batch_size)
+
+
+def get_task(name: str, seed: int, options: dict[str, Any]) -> Task:
+    if name == "lm" and "lm" not in TASKS:
+        import verger.sparse_diloco.lm  # noqa: F401  (registers "lm")
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is not one of {sorted(TASKS)}")
+    return TASKS[name](seed, options)
+
+
+@dataclass(kw_only=True)
+class TrainSpec:
+    """Everything a run needs, picklable so that spawned ranks can rebuild it."""
+
+    task: str = "toy"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    plan: str = "mlp"
+    num_slices: int | None = None
+    overlap: float = 0.0
+    others: str = "shared"
+    config: DiLoCoConfig = field(default_factory=DiLoCoConfig)
+    rounds: int = 10
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    eval_every: int = 1
+    crash: tuple[int, int] | None = None  # (worker, round): that worker dies there (tests)
+
+    def __post_init__(self) -> None:
+        if self.plan not in PLANS:
+            raise ValueError(f"plan={self.plan!r} must be one of {PLANS}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds!r} must be a positive int")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every!r} must be a positive int")
+
+    def make_plan(self, model: nn.Module) -> SubsetPlan:
+        if self.plan == "full":
+            return SubsetPlan.full(model, self.config.num_workers)
+        return SubsetPlan.mlp_slices(
+            model,
+            self.config.num_workers,
+            num_slices=self.num_slices,
+            overlap=self.overlap,
+            others=self.others,
+        )
+
+
+def train_run(
+    spec: TrainSpec,
+    transport: Transport | None = None,
+    *,
+    is_main: bool = True,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``spec``; returns the history and the final global parameters."""
+    torch.manual_seed(spec.seed)
+    task = get_task(spec.task, spec.seed, spec.task_options)
+    plan = spec.make_plan(task.model)
+    engine = DiLoCo(
+        task.model, plan, spec.config, loss_fn=task.loss_fn, data=task.data, transport=transport
+    )
+    ckpt = RunCheckpointer(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    resumed = ckpt.load_latest(engine) if ckpt else None
+    history: list[dict[str, float]] = []
+    tokens_per_round = spec.config.inner_steps * spec.config.num_workers * task.tokens_per_step
+    while engine.rounds_done < spec.rounds:
+        if spec.crash is not None and spec.crash[1] == engine.rounds_done and (
+            spec.crash[0] in engine.workers
+        ):
+            os._exit(17)  # a hard crash: no exception, no cleanup, like a lost node
+        figures = engine.round()
+        r = engine.rounds_done
+        if r % spec.eval_every == 0 or r == spec.rounds:
+            figures["val_loss"] = task.evaluate(engine.model)
+        figures.update(round=float(r), tokens=float(r * tokens_per_round))
+        history.append(figures)
+        if ckpt:
+            ckpt.save(engine, write_global=is_main)
+        if progress:
+            progress(r, figures)
+    return {
+        "history": history,
+        "resumed_from": resumed,
+        "params": {n: p.detach().cpu().clone() for n, p in engine.model.named_parameters()},
+        "bytes_sent": engine.bytes_sent,
+        "plan": plan.summary(),
+    }
+
+
+def distributed_main(spec: TrainSpec) -> dict[str, Any]:
+    """Per-rank entry (process group initialized): worker = rank of the default group."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size != spec.config.num_workers:
+        raise ValueError(
+            f"world size {world_size} != config.num_workers={spec.config.num_workers}: "
+            "run one process per worker"
+        )
+    return train_run(spec, ProcessGroupTransport(), is_main=rank == 0)
+
+
+def distributed_runs(specs: list[TrainSpec]) -> list[dict[str, Any]]:
+    """Several runs in one set of processes (process start-up dominates small runs)."""
+    return [distributed_main(s) for s in specs]

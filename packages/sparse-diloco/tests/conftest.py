@@ -1,0 +1,6 @@
+import torch
+
+from verger.core.testing import setup_triton_interpreter
+
+setup_triton_interpreter()  # before anything imports a Triton kernel (verger.core.nn)
+torch.set_num_threads(2)  # the test machines are small and shared

@@ -1,0 +1,158 @@
+"""DiLoCo engine vs the masked reference; memory structure of partial workers; validation."""
+
+import pytest
+import torch
+
+from verger.core.testing import assert_close
+from verger.sparse_diloco import (
+    DiLoCo,
+    DiLoCoConfig,
+    PartialLinear,
+    SubsetPlan,
+    build_worker_model,
+    reference_diloco,
+)
+from verger.sparse_diloco.engine import inner_state_numel
+from verger.sparse_diloco.toy import ToyData, toy_loss, toy_model
+
+CFG = dict(num_workers=4, inner_steps=6, inner_lr=3e-3, inner_warmup=2, grad_clip=0.5)
+
+
+def run_engine(plan, config, rounds=3, seed=0):
+    model = toy_model(seed)
+    engine = DiLoCo(model, plan, config, loss_fn=toy_loss, data=ToyData(seed=seed))
+    engine.train(rounds)
+    return engine
+
+
+def masks_of(plan):
+    return [
+        {
+            n: (plan.selection(k, n).mask(s) if plan.selection(k, n) else torch.zeros(s, dtype=torch.bool))
+            for n, s in plan.shapes.items()
+        }
+        for k in range(plan.num_workers)
+    ]
+
+
+def assert_models_close(a, b, rtol):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert_close(p.detach(), q.detach(), rtol=rtol, name=n)
+
+
+@pytest.mark.parametrize("fragments", [1, 3])
+def test_full_plan_equals_plain_diloco(fragments):
+    config = DiLoCoConfig(**CFG, num_fragments=fragments)
+    plan = SubsetPlan.full(toy_model(), 4)
+    engine = run_engine(plan, config)
+    ref = reference_diloco(
+        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3,
+        fragments=plan.fragments(fragments),
+    )
+    assert_models_close(engine.model, ref, 1e-6)
+    assert engine.rounds_done == 3 and engine.syncs == 3 * fragments
+
+
+def test_slices_covering_everything_equal_plain_diloco():
+    """Every worker trains all hidden units through PartialLinear (the custom backward)."""
+    config = DiLoCoConfig(**CFG)
+    plan = SubsetPlan.mlp_slices(toy_model(), 4, num_slices=1)
+    assert isinstance(build_worker_model(toy_model(), plan, 0).blocks[0].mlp.w_gate, PartialLinear)
+    engine = run_engine(plan, config)
+    ref = reference_diloco(toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3)
+    assert_models_close(engine.model, ref, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(), dict(overlap=0.2), dict(others="frozen"), dict(num_slices=2)]
+)
+def test_partial_updates_equal_masked_reference(kwargs):
+    config = DiLoCoConfig(**CFG)
+    plan = SubsetPlan.mlp_slices(toy_model(), 4, **kwargs)
+    engine = run_engine(plan, config)
+    ref = reference_diloco(
+        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3, masks=masks_of(plan)
+    )
+    assert_models_close(engine.model, ref, 1e-6)
+    if kwargs.get("others") == "frozen":  # untrained tensors never move
+        assert torch.equal(engine.model.inp.weight, toy_model().inp.weight)
+
+
+def test_partial_streaming_equals_masked_reference():
+    config = DiLoCoConfig(**CFG, num_fragments=2)
+    plan = SubsetPlan.mlp_slices(toy_model(), 4)
+    engine = run_engine(plan, config, rounds=2)
+    ref = reference_diloco(
+        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=2,
+        masks=masks_of(plan), fragments=plan.fragments(2),
+    )
+    assert_models_close(engine.model, ref, 1e-6)
+
+
+def test_frozen_parameters_have_no_grad_and_no_optimizer_state():
+    config = DiLoCoConfig(**CFG)
+    plan = SubsetPlan.mlp_slices(toy_model(hidden=32), 4, others="frozen")
+    engine = DiLoCo(toy_model(hidden=32), plan, config, loss_fn=toy_loss, data=ToyData())
+    worker = engine.workers[1]
+    loss = toy_loss(worker.model, ToyData().batch(1, 0))
+    loss.backward()
+    mlp = worker.model.blocks[0].mlp
+    assert mlp.w_gate.weight.grad is None and not mlp.w_gate.weight.requires_grad
+    assert mlp.w_gate.trainable.grad.shape == (8, 16)  # a quarter of 32 hidden units
+    assert mlp.w_down.trainable.grad.shape == (16, 8)
+    assert worker.model.inp.weight.grad is None and worker.model.out.weight.grad is None
+    grads = sum(p.grad.numel() for p in worker.model.parameters() if p.grad is not None)
+    assert grads == plan.trained_numel(1)
+    worker.optimizer.zero_grad()
+    engine.inner_step(worker)
+    sizes = inner_state_numel(worker)
+    assert sizes["trainable"] == plan.trained_numel(1)
+    assert sizes["optimizer_state"] == 2 * plan.trained_numel(1)  # exp_avg + exp_avg_sq
+    assert plan.trained_numel(1) < 0.3 * plan.total_numel()
+
+
+def test_partial_linear_gradients_match_autograd_slice():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 10, bias=True)
+    x = torch.randn(3, 5, 6, requires_grad=True)
+    for dim, (a, b) in [(0, (2, 7)), (1, (1, 4))]:
+        from verger.sparse_diloco import Selection
+
+        part = PartialLinear(torch.nn.Linear(6, 10), Selection(dim, a, b))
+        with torch.no_grad():
+            part.weight.copy_(lin.weight)
+            part.bias.copy_(lin.bias)
+        y_ref = lin(x)
+        gy = torch.randn_like(y_ref)
+        gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x, lin.weight, lin.bias), gy)
+        y = part(x)
+        gx, gw, gb = torch.autograd.grad(y, (x, part.trainable, part.bias), gy)
+        assert_close(y, y_ref, rtol=1e-6, name="out")
+        assert_close(gx, gx_ref, rtol=1e-6, name="grad x")
+        assert_close(gw, gw_ref.narrow(dim, a, b - a), rtol=1e-6, name="grad slice")
+        assert_close(gb, gb_ref, rtol=1e-6, name="grad bias")
+
+
+def test_partial_training_learns():
+    config = DiLoCoConfig(**CFG)
+    plan = SubsetPlan.mlp_slices(toy_model(), 4)
+    engine = run_engine(plan, config, rounds=6)
+    held_out = ToyData(seed=0).batch(worker=999, step=0)  # same teacher, unseen inputs
+    with torch.no_grad():
+        before = toy_loss(toy_model(), held_out)
+        after = toy_loss(engine.model, held_out)
+    assert float(after) < 0.5 * float(before)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_workers"):
+        DiLoCoConfig(num_workers=0)
+    with pytest.raises(ValueError, match="multiple of"):
+        DiLoCoConfig(inner_steps=10, num_fragments=3)
+    with pytest.raises(ValueError, match="compression_bits"):
+        DiLoCoConfig(compression_bits=3)
+    with pytest.raises(ValueError, match="outer_momentum"):
+        DiLoCoConfig(outer_momentum=1.0)
+    plan = SubsetPlan.full(toy_model(), 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        DiLoCo(toy_model(), plan, DiLoCoConfig(num_workers=4), loss_fn=toy_loss, data=ToyData())

@@ -1,0 +1,75 @@
+"""Bad input to the fused ops raises ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+from verger.core.kernels import apply_rotary_emb, linear_cross_entropy, rms_norm, swiglu
+
+
+def test_rms_norm_rejects_bad_input():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="weight has 7 features"):
+        rms_norm(x, torch.ones(7))
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        rms_norm(torch.ones(4, 8, dtype=torch.long), w)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        rms_norm(torch.randn(8, 4).T, torch.ones(8))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, w, eps=0.0)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        rms_norm(x, w, backend="cuda")
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        rms_norm(x, [1.0] * 8)
+
+
+def test_rotary_rejects_bad_input():
+    x = torch.randn(2, 5, 3, 8)
+    cos = sin = torch.zeros(5, 4)
+    with pytest.raises(ValueError, match=r"cos has shape \(4, 4\)"):
+        apply_rotary_emb(x, torch.zeros(4, 4), sin)
+    with pytest.raises(ValueError, match="must be even"):
+        apply_rotary_emb(torch.randn(2, 5, 3, 7), cos, sin)
+    with pytest.raises(TypeError, match="cos has dtype torch.float16"):
+        apply_rotary_emb(x, cos.half(), sin)
+    with pytest.raises(ValueError, match="sin requires grad"):
+        apply_rotary_emb(x, cos, sin.clone().requires_grad_())
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        apply_rotary_emb(torch.randn(2, 3, 5, 8).transpose(1, 2), cos, sin)
+
+
+def test_swiglu_rejects_bad_input():
+    with pytest.raises(ValueError, match="must have one shape"):
+        swiglu(torch.randn(3, 4), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="share a dtype"):
+        swiglu(torch.randn(3, 4), torch.randn(3, 4).half())
+
+
+def test_linear_cross_entropy_rejects_bad_input():
+    x, w, t = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    with pytest.raises(ValueError, match="targets holds 11"):
+        linear_cross_entropy(x, w, torch.full((6,), 11))
+    with pytest.raises(ValueError, match="targets holds -1"):
+        linear_cross_entropy(x, w, torch.full((6,), -1))
+    with pytest.raises(TypeError, match="targets has dtype torch.float32"):
+        linear_cross_entropy(x, w, t.float())
+    with pytest.raises(ValueError, match=r"targets \(5,\) must have shape"):
+        linear_cross_entropy(x, w, t[:5])
+    with pytest.raises(ValueError, match=r"weight \(11, 7\)"):
+        linear_cross_entropy(x, torch.randn(11, 7), t)
+    with pytest.raises(TypeError, match="must share a dtype"):
+        linear_cross_entropy(x, w.half(), t)
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        linear_cross_entropy(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        linear_cross_entropy(x, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="ignore_index=3 collides"):
+        linear_cross_entropy(x, w, t, ignore_index=3)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        linear_cross_entropy(torch.randn(8, 6).T, w, t)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
+        swiglu(torch.randn(3), torch.randn(3), backend="triton")

@@ -1,0 +1,116 @@
+"""TrainLoop: bit-identical resume, accumulation, clipping, NaN stop and metrics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from verger.core import seed_everything
+from verger.core.train import (
+    Checkpointer,
+    LoopConfig,
+    MetricsLogger,
+    NonFiniteLossError,
+    TrainLoop,
+    lambda_lr,
+    read_metrics,
+    wsd_schedule,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import ToyLM, ToyStream  # noqa: E402
+
+
+def _loop(ckpt_dir: Path | None, max_steps: int, **cfg) -> tuple[TrainLoop, ToyStream]:
+    seed_everything(0)
+    model = ToyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1)
+    sched = lambda_lr(opt, wsd_schedule(8, warmup_steps=2, cooldown="1-sqrt"))
+    config = LoopConfig(max_steps=max_steps, grad_accum=2, grad_clip=0.5, **cfg)
+    ckpt = Checkpointer(ckpt_dir) if ckpt_dir is not None else None
+    loop = TrainLoop(model, opt, config=config, scheduler=sched, checkpointer=ckpt, show_progress=False)
+    return loop, ToyStream(seed=1)
+
+
+def test_resume_gives_bit_identical_losses(tmp_path) -> None:
+    full, data = _loop(None, 8)
+    reference = [s.loss for s in full.run(data)]
+
+    first, data1 = _loop(tmp_path, 4, checkpoint_every=2)
+    part1 = [s.loss for s in first.run(data1)]
+    torch.manual_seed(12345)  # a fresh process would have different RNG state: resume must fix it
+    second, data2 = _loop(tmp_path, 8, checkpoint_every=2)
+    part2 = [s.loss for s in second.run(data2)]
+    assert part1 + part2 == reference  # exact float equality, not approx
+    for a, b in zip(full.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_grad_accumulation_matches_one_big_batch() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(32, (8, 6))
+    y = torch.randint(32, (8, 6))
+    grads = []
+    for micro in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]):
+        torch.manual_seed(0)
+        model = ToyLM().eval()
+        model.drop.p = 0.0
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loop = TrainLoop(model, opt, config=LoopConfig(max_steps=1, grad_clip=None))
+        loop.train_step(micro)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_bounds_the_update_and_reports_the_raw_norm() -> None:
+    torch.manual_seed(0)
+    model = ToyLM()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loop = TrainLoop(model, opt, config=LoopConfig(max_steps=1, grad_clip=1e-3))
+    stats = loop.train_step([next(ToyStream())])
+    assert stats.grad_norm > 1e-3  # the raw norm, before clipping
+    update = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert float(update) == pytest.approx(1e-3, rel=1e-4)  # SGD lr=1: the clipped norm
+
+
+def test_non_finite_loss_stops_without_stepping() -> None:
+    model = ToyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loop = TrainLoop(
+        model, opt, config=LoopConfig(max_steps=2), loss_fn=lambda m, b: m(*b) * float("nan")
+    )
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        loop.run(ToyStream())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert loop.step == 0
+
+
+def test_data_exhaustion_and_config_validation() -> None:
+    with pytest.raises(ValueError, match="grad_accum"):
+        LoopConfig(max_steps=1, grad_accum=0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        LoopConfig(max_steps=1, grad_clip=-1.0)
+    loop = TrainLoop(ToyLM(), torch.optim.SGD(ToyLM().parameters(), lr=0.1), config=LoopConfig(max_steps=3))
+    with pytest.raises(ValueError, match="data ran out at step"):
+        loop.run([next(ToyStream())])
+
+
+def test_metrics_logger_writes_jsonl(tmp_path) -> None:
+    loop, data = _loop(None, 4, log_every=2)
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        loop.logger = logger
+        stats = loop.run(data)
+        logger.log(99, note="nan check", bad=float("nan"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 99]
+    assert records[0]["loss"] == stats[1].loss and records[2]["bad"] == "nan"
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 100, "lo')  # a killed writer
+    with pytest.warns(UserWarning, match="truncated"):
+        assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
