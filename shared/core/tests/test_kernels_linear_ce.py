@@ -100,6 +100,21 @@ def test_gradient_reaches_only_the_inputs_that_need_it():
     assert_close(w.grad, ref_w.grad, rtol=1e-5, name="dweight")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_does_not_lower_the_precision(reduction):
+    x, w, t = _case(19, 16, 29, torch.float32, seed=7)
+    dy = torch.tensor(1.0) if reduction == "mean" else torch.randn(19)
+
+    def fused(a, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(a, b, t, chunk_size=4, reduction=reduction)
+
+    got = _run(fused, x, w, dy)
+    ref = _run(lambda a, b: linear_cross_entropy_reference(a, b, t, reduction=reduction), x, w, dy)
+    for name, a, b in zip(("loss", "dx", "dweight"), got, ref):
+        assert_close(a, b, rtol=1e-5, name=name)
+
+
 def test_peak_memory_far_below_materialized_logits_at_50k_vocab():
     torch.manual_seed(6)
     n, d, v = 512, 32, 50257

@@ -10,7 +10,7 @@ def test_rms_norm_rejects_bad_input():
     x, w = torch.randn(4, 8), torch.ones(8)
     with pytest.raises(ValueError, match="weight has 7 features"):
         rms_norm(x, torch.ones(7))
-    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"x has dtype torch\.int64"):
         rms_norm(torch.ones(4, 8, dtype=torch.long), w)
     with pytest.raises(ValueError, match="x must be contiguous"):
         rms_norm(torch.randn(8, 4).T, torch.ones(8))
@@ -18,7 +18,7 @@ def test_rms_norm_rejects_bad_input():
         rms_norm(x, w, eps=0.0)
     with pytest.raises(ValueError, match="backend='cuda'"):
         rms_norm(x, w, backend="cuda")
-    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor"):
         rms_norm(x, [1.0] * 8)
 
 
@@ -29,7 +29,7 @@ def test_rotary_rejects_bad_input():
         apply_rotary_emb(x, torch.zeros(4, 4), sin)
     with pytest.raises(ValueError, match="must be even"):
         apply_rotary_emb(torch.randn(2, 5, 3, 7), cos, sin)
-    with pytest.raises(TypeError, match="cos has dtype torch.float16"):
+    with pytest.raises(TypeError, match=r"cos has dtype torch\.float16"):
         apply_rotary_emb(x, cos.half(), sin)
     with pytest.raises(ValueError, match="sin requires grad"):
         apply_rotary_emb(x, cos, sin.clone().requires_grad_())
@@ -50,7 +50,7 @@ def test_linear_cross_entropy_rejects_bad_input():
         linear_cross_entropy(x, w, torch.full((6,), 11))
     with pytest.raises(ValueError, match="targets holds -1"):
         linear_cross_entropy(x, w, torch.full((6,), -1))
-    with pytest.raises(TypeError, match="targets has dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"targets has dtype torch\.float32"):
         linear_cross_entropy(x, w, t.float())
     with pytest.raises(ValueError, match=r"targets \(5,\) must have shape"):
         linear_cross_entropy(x, w, t[:5])

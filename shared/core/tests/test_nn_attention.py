@@ -14,7 +14,13 @@ from verger.core.nn import (
     get_attention,
     register_attention,
 )
-from verger.core.testing import assert_close, requires_triton, tiny_config
+from verger.core.testing import assert_close, limit_torch_threads, requires_triton, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with limit_torch_threads(1):  # tiny model: extra threads only add contention
+        yield
 
 
 class _ScaledSoftmax(nn.Module):

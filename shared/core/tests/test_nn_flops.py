@@ -6,7 +6,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from verger.core.nn import TransformerLM, flops_breakdown
-from verger.core.testing import tiny_config
+from verger.core.testing import limit_torch_threads, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with limit_torch_threads(1):  # tiny model: extra threads only add contention
+        yield
 
 
 def _counted(fn):

@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from verger.core.nn import TransformerLM
-from verger.core.testing import tiny_config
+from verger.core.testing import limit_torch_threads, tiny_config
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # The CI machine is 2 shared cores: intra-op threads only add contention at these sizes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with limit_torch_threads(1):  # tiny model: extra threads only add contention
+        yield
 
 
 def _train(model, batches, steps, lr):

@@ -16,7 +16,7 @@ import torch
 from verger.core.train import Checkpointer, CheckpointError, cosine_schedule, lambda_lr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import ToyLM, ToyStream  # noqa: E402
+from _train_helpers import ToyLM, ToyStream
 
 
 def _trained(steps: int = 3) -> tuple[ToyLM, torch.optim.Optimizer, object]:
@@ -72,7 +72,9 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path) -> None:
     folder = ckpt.save(2, model=model, optimizer=opt)
 
     (folder / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match=r"step-00000002.model\.safetensors is corrupt.*delete"):
+    with pytest.raises(
+        CheckpointError, match=r"step-00000002.model\.safetensors is corrupt.*delete"
+    ):
         ckpt.load(model=model)
     (folder / "state.pt").write_bytes(b"PK\x03\x04torn")
     with pytest.raises(CheckpointError, match=r"state\.pt is corrupt"):
@@ -114,5 +116,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path) -> None:
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers  # the torn temporary folder is there, ignored...
     ckpt.save(3, model=ToyLM())
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".step-00000002")]  # ...and swept
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".step-00000002")
+    ]  # ...and swept
     assert os.path.isdir(tmp_path / "step-00000003")

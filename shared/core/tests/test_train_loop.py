@@ -21,7 +21,7 @@ from verger.core.train import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import ToyLM, ToyStream  # noqa: E402
+from _train_helpers import ToyLM, ToyStream
 
 
 def _loop(ckpt_dir: Path | None, max_steps: int, **cfg) -> tuple[TrainLoop, ToyStream]:
@@ -31,7 +31,9 @@ def _loop(ckpt_dir: Path | None, max_steps: int, **cfg) -> tuple[TrainLoop, ToyS
     sched = lambda_lr(opt, wsd_schedule(8, warmup_steps=2, cooldown="1-sqrt"))
     config = LoopConfig(max_steps=max_steps, grad_accum=2, grad_clip=0.5, **cfg)
     ckpt = Checkpointer(ckpt_dir) if ckpt_dir is not None else None
-    loop = TrainLoop(model, opt, config=config, scheduler=sched, checkpointer=ckpt, show_progress=False)
+    loop = TrainLoop(
+        model, opt, config=config, scheduler=sched, checkpointer=ckpt, show_progress=False
+    )
     return loop, ToyStream(seed=1)
 
 
@@ -74,7 +76,9 @@ def test_clipping_bounds_the_update_and_reports_the_raw_norm() -> None:
     loop = TrainLoop(model, opt, config=LoopConfig(max_steps=1, grad_clip=1e-3))
     stats = loop.train_step([next(ToyStream())])
     assert stats.grad_norm > 1e-3  # the raw norm, before clipping
-    update = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    update = torch.sqrt(
+        sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before))
+    )
     assert float(update) == pytest.approx(1e-3, rel=1e-4)  # SGD lr=1: the clipped norm
 
 
@@ -96,7 +100,9 @@ def test_data_exhaustion_and_config_validation() -> None:
         LoopConfig(max_steps=1, grad_accum=0)
     with pytest.raises(ValueError, match="grad_clip"):
         LoopConfig(max_steps=1, grad_clip=-1.0)
-    loop = TrainLoop(ToyLM(), torch.optim.SGD(ToyLM().parameters(), lr=0.1), config=LoopConfig(max_steps=3))
+    loop = TrainLoop(
+        ToyLM(), torch.optim.SGD(ToyLM().parameters(), lr=0.1), config=LoopConfig(max_steps=3)
+    )
     with pytest.raises(ValueError, match="data ran out at step"):
         loop.run([next(ToyStream())])
 

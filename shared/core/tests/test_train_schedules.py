@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,13 +18,16 @@ def test_cosine_closed_form() -> None:
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     values = [f(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 @pytest.mark.parametrize(
     ("cooldown", "shape"),
-    [("linear", lambda p: 1 - p), ("1-sqrt", lambda p: 1 - math.sqrt(p)),
-     ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p)))],
+    [
+        ("linear", lambda p: 1 - p),
+        ("1-sqrt", lambda p: 1 - math.sqrt(p)),
+        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+    ],
 )
 def test_wsd_closed_form(cooldown: str, shape) -> None:
     f = wsd_schedule(100, warmup_steps=5, cooldown_fraction=0.2, cooldown=cooldown, min_ratio=0.0)

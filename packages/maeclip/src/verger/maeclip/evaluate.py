@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from verger.maeclip.data import ZERO_SHOT_TEMPLATES, ImageTextSet
 from verger.maeclip.model import MAECLIP
@@ -92,18 +89,43 @@ def zero_shot_accuracy(
     return float((pred == data.labels).float().mean())
 
 
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, *, num_classes: int, l2: float = 1e-3, iters: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS: returns (weight [D, C], bias [C]).
+
+    Minimises mean cross-entropy + ``l2 * ||W||^2``; a convex problem, so the result does
+    not depend on the (zero) start beyond the iteration budget.
+    """
+    x = x.double()
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def linear_probe_accuracy(
-    model: MAECLIP, train: ImageTextSet, test: ImageTextSet, *, c: float = 1.0, seed: int = 0
+    model: MAECLIP, train: ImageTextSet, test: ImageTextSet, *, l2: float = 1e-3
 ) -> float:
-    """Logistic regression on frozen :func:`probe_features` (standardised): test accuracy."""
+    """Logistic regression on frozen, standardised :func:`probe_features`: test accuracy."""
     if train.labels is None or test.labels is None:
         raise ValueError("a linear probe needs labelled train and test sets")
-    scaler = StandardScaler()
-    x_train = scaler.fit_transform(probe_features(model, train.images).numpy())
-    x_test = scaler.transform(probe_features(model, test.images).numpy())
-    clf = LogisticRegression(C=c, max_iter=500, random_state=seed)
-    clf.fit(x_train, train.labels.numpy())
-    return float(np.mean(clf.predict(x_test) == test.labels.numpy()))
+    x_train = probe_features(model, train.images).double()
+    x_test = probe_features(model, test.images).double()
+    mean, std = x_train.mean(dim=0), x_train.std(dim=0).clamp_min(1e-6)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    w, b = fit_logistic_regression((x_train - mean) / std, train.labels, num_classes=num_classes, l2=l2)
+    pred = (((x_test - mean) / std) @ w + b).argmax(dim=1)
+    return float((pred == test.labels).double().mean())
 
 
 def recall_at_k(similarity: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:

@@ -180,6 +180,11 @@ class MAECLIP(nn.Module):
         self.patch_size = int(visual.patch_size[0])
         self.image_size = tuple(int(s) for s in visual.image_size)
         self.grid = tuple(int(g) for g in visual.grid_size)
+        if any(size % self.patch_size for size in self.image_size):
+            raise ValueError(
+                f"model {config.model_name!r}: image size {self.image_size} is not divisible by "
+                f"the patch size {self.patch_size}"
+            )
         self.decoder = MAEDecoder(
             encoder_width=visual.conv1.out_channels,
             grid=self.grid,  # type: ignore[arg-type]

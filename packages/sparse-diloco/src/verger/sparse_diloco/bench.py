@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from verger.core.bench import Report, compare, count_flops, measure_peak_memory, new_figure
+from verger.core.bench import Report, compare, count_flops, measure_peak_memory
 from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.engine import DiLoCo
 from verger.sparse_diloco.flops import step_flops
@@ -161,8 +161,12 @@ def run_bench(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dic
 
 def plot_curves(histories: dict[str, list[dict[str, float]]]) -> Any:
     """Validation loss vs tokens and vs bytes communicated, one line per variant."""
-    fig, (ax1, ax2) = new_figure(width=11, height=4)[0], (None, None)
-    ax1, ax2 = fig.subplots(1, 2)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, hist in histories.items():
         style = "--" if "streaming" in name else "-"
         tokens = [h["tokens"] / 1e6 for h in hist]

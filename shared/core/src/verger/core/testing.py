@@ -1,4 +1,6 @@
-"""Helpers shared by every package's tests: tolerant comparisons and the Triton interpreter.
+"""Helpers shared by every package's tests: tolerant comparisons, the Triton interpreter,
+tiny model configs (``tiny_config``), skip markers (``requires_cuda``, ``requires_triton``)
+and ``limit_torch_threads``.
 
 Import this module from a ``conftest.py`` *before* anything that defines a Triton kernel:
 ``setup_triton_interpreter()`` must run before ``@triton.jit`` executes.
@@ -6,9 +8,15 @@ Import this module from a ``conftest.py`` *before* anything that defines a Trito
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from verger.core.nn import TransformerConfig
 
 
 def setup_triton_interpreter() -> bool:
@@ -53,6 +61,20 @@ def assert_close(
         raise AssertionError(f"{name}: relative RMS error {err:.3e} > {rtol:.1e}")
 
 
+@contextlib.contextmanager
+def limit_torch_threads(n: int = 1) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous count.
+
+    Tiny models on a shared 2-core machine run several times faster single-threaded.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -75,13 +97,11 @@ def __getattr__(name: str):
     if name == "requires_cuda":
         return _skipif(not _cuda_available(), "needs a CUDA device")
     if name == "requires_triton":
-        return _skipif(
-            not _triton_usable(), "needs triton and a CUDA device or TRITON_INTERPRET=1"
-        )
+        return _skipif(not _triton_usable(), "needs triton and a CUDA device or TRITON_INTERPRET=1")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def tiny_config(**overrides):
+def tiny_config(**overrides: Any) -> TransformerConfig:
     """A tiny :class:`~verger.core.nn.TransformerConfig` for tests (about 30k parameters).
 
     Sizes are deliberately not powers of two (vocab 61, hidden 88) so kernels meet ragged
@@ -89,7 +109,7 @@ def tiny_config(**overrides):
     """
     from verger.core.nn import TransformerConfig
 
-    fields = dict(
+    fields: dict[str, Any] = dict(
         vocab_size=61,
         d_model=32,
         n_layers=2,

@@ -98,7 +98,9 @@ class Report:
     def plot(self, name: str, fig: Any, *, dpi: int = 120) -> Path:
         """Save a matplotlib figure as ``out_dir/<name>.png`` (atomically), close it, link it."""
         if not isinstance(name, str) or not _NAME.match(name) or "/" in name:
-            raise ValueError(f"plot name {name!r} must be a plain file stem matching {_NAME.pattern}")
+            raise ValueError(
+                f"plot name {name!r} must be a plain file stem matching {_NAME.pattern}"
+            )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         import matplotlib.pyplot as plt  # lazy: importing pyplot is slow

@@ -52,7 +52,10 @@ class TfidfSvdEmbedder:
     def _counts(self, texts: Sequence[str]) -> Any:
         _, _, fe = _sklearn()
         vec = fe.text.HashingVectorizer(
-            n_features=self.n_features, alternate_sign=False, norm=None, token_pattern=r"(?u)\b\w+\b|[^\w\s]"
+            n_features=self.n_features,
+            alternate_sign=False,
+            norm=None,
+            token_pattern=r"(?u)\b\w+\b|[^\w\s]",
         )
         x = vec.transform(list(texts)).tocsr().astype(np.float64)
         x.data = 1.0 + np.log(x.data)  # sublinear tf
@@ -117,7 +120,9 @@ def embed_texts(
 class KMeansClusterer:
     """k-means (``MiniBatchKMeans``) over :class:`TfidfSvdEmbedder` embeddings of texts."""
 
-    def __init__(self, n_clusters: int, *, dim: int = 64, n_features: int = 2**16, seed: int = 0) -> None:
+    def __init__(
+        self, n_clusters: int, *, dim: int = 64, n_features: int = 2**16, seed: int = 0
+    ) -> None:
         if not isinstance(n_clusters, int) or n_clusters < 1:
             raise ValueError(f"n_clusters={n_clusters!r} must be an int >= 1")
         self.n_clusters = n_clusters
@@ -127,7 +132,9 @@ class KMeansClusterer:
 
     def fit(self, texts: Sequence[str]) -> KMeansClusterer:
         if len(texts) < self.n_clusters:
-            raise ValueError(f"{len(texts)} texts cannot make n_clusters={self.n_clusters} clusters")
+            raise ValueError(
+                f"{len(texts)} texts cannot make n_clusters={self.n_clusters} clusters"
+            )
         cluster, _, _ = _sklearn()
         z = self.embedder.fit(texts).transform(texts)
         km = cluster.MiniBatchKMeans(
@@ -149,11 +156,21 @@ class KMeansClusterer:
         """Write centroids and embedder state to one ``.npz`` file (atomically)."""
         if self.centroids is None or self.embedder.idf is None or self.embedder.components is None:
             raise RuntimeError("fit the clusterer before saving it")
-        meta = {"format": _FORMAT, "n_clusters": self.n_clusters, "seed": self.seed,
-                "dim": self.embedder.dim, "n_features": self.embedder.n_features}
+        meta = {
+            "format": _FORMAT,
+            "n_clusters": self.n_clusters,
+            "seed": self.seed,
+            "dim": self.embedder.dim,
+            "n_features": self.embedder.n_features,
+        }
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), centroids=self.centroids,
-                     idf=self.embedder.idf, components=self.embedder.components)
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta)),
+                centroids=self.centroids,
+                idf=self.embedder.idf,
+                components=self.embedder.components,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KMeansClusterer:
@@ -170,7 +187,9 @@ class KMeansClusterer:
             raise ValueError(f"clusterer file {p} is corrupt ({exc}); {remedy}") from None
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{p} is not a verger k-means file; {remedy}")
-        obj = cls(meta["n_clusters"], dim=meta["dim"], n_features=meta["n_features"], seed=meta["seed"])
+        obj = cls(
+            meta["n_clusters"], dim=meta["dim"], n_features=meta["n_features"], seed=meta["seed"]
+        )
         obj.centroids = arrays["centroids"]
         obj.embedder.idf = arrays["idf"]
         obj.embedder.components = arrays["components"]
@@ -188,6 +207,8 @@ def estimate_domain_weights(
         raise ValueError("texts is empty: need at least one in-domain text")
     if smoothing < 0:
         raise ValueError(f"smoothing={smoothing} must be >= 0")
-    counts = np.bincount(clusterer.predict(texts), minlength=clusterer.n_clusters).astype(np.float64)
+    counts = np.bincount(clusterer.predict(texts), minlength=clusterer.n_clusters).astype(
+        np.float64
+    )
     counts += smoothing
     return torch.from_numpy(counts / counts.sum()).float()

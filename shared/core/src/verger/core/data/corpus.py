@@ -168,7 +168,9 @@ def _load_cached(folder: Path, manifest: dict[str, Any]) -> Corpus:
         if not path.is_file():
             raise CorpusCacheError(f"corpus cache file {path} is missing; {rebuild}")
         if _file_sha(path) != info["sha256"]:
-            raise CorpusCacheError(f"corpus cache file {path} is corrupt (hash mismatch); {rebuild}")
+            raise CorpusCacheError(
+                f"corpus cache file {path} is corrupt (hash mismatch); {rebuild}"
+            )
         docs[domain] = json.loads(path.read_text(encoding="utf-8"))
     return Corpus(docs=docs, manifest=manifest, path=folder)
 
@@ -234,7 +236,10 @@ def build_corpus(
         }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         folder = root / "corpus" / key
-        sources = {n: {"description": SOURCES[n].description, "fingerprint": SOURCES[n].fingerprint()} for n in usable}
+        sources = {
+            n: {"description": SOURCES[n].description, "fingerprint": SOURCES[n].fingerprint()}
+            for n in usable
+        }
         manifest_path = folder / "manifest.json"
         if not rebuild and manifest_path.is_file():
             try:

@@ -22,7 +22,9 @@ def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tenso
     return torch.tensor(ids, dtype=torch.long)
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, split: str = "train") -> dict[str, torch.Tensor]:
+def tokenize_corpus(
+    corpus: Corpus, tokenizer: Tokenizer, split: str = "train"
+) -> dict[str, torch.Tensor]:
     """``{domain: 1-D token tensor}`` for ``split`` (documents joined with ``eos``)."""
     return {d: tokenize_documents(corpus.documents(d, split), tokenizer) for d in corpus.domains}
 
@@ -89,7 +91,9 @@ class DomainSampler:
         self.datasets = dict(datasets)
         lengths = {d.seq_len for d in self.datasets.values()}
         if len(lengths) != 1:
-            raise ValueError(f"every PackedDataset must have the same seq_len; got {sorted(lengths)}")
+            raise ValueError(
+                f"every PackedDataset must have the same seq_len; got {sorted(lengths)}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
         self.batch_size = batch_size

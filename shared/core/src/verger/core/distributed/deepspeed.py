@@ -46,7 +46,9 @@ def build_engine(
     """
     ds = _deepspeed()
     if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict (DeepSpeed JSON config), got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a dict (DeepSpeed JSON config), got {type(config).__name__}"
+        )
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
         raise ValueError(
             "config needs 'train_micro_batch_size_per_gpu' or 'train_batch_size' "
@@ -113,7 +115,9 @@ def set_full_fp32_params(engine: Any, values: Mapping[str, torch.Tensor]) -> Non
         value = values[name]
         full_shape = tuple(getattr(param, "ds_shape", param.shape))
         if tuple(value.shape) != full_shape:
-            raise ValueError(f"values[{name!r}] has shape {tuple(value.shape)}, expected {full_shape}")
+            raise ValueError(
+                f"values[{name!r}] has shape {tuple(value.shape)}, expected {full_shape}"
+            )
         if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
             safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
         else:

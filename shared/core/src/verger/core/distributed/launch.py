@@ -144,7 +144,7 @@ def run_multiprocess(
     ref = _ref(fn)
     if start_method is None:
         start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
     results = ctx.Queue()

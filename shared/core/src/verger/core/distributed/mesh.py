@@ -11,6 +11,7 @@ Global rank ``r`` sits in island ``r // replicas`` at replica position ``r % rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch.distributed as dist
 
@@ -63,11 +64,11 @@ def make_groups(islands: int, replicas: int = 1) -> MeshGroups:
         for ranks in intra:
             g = dist.new_group(ranks)
             if rank in ranks:
-                my_intra = g
+                my_intra = cast(dist.ProcessGroup, g)
         for ranks in cross:
             g = dist.new_group(ranks)
             if rank in ranks:
-                my_cross = g
+                my_cross = cast(dist.ProcessGroup, g)
     return MeshGroups(
         islands=islands,
         replicas=replicas,

@@ -99,7 +99,8 @@ class TransformerConfig:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
         m = self.mlp_multiple_of
-        return m * math.ceil(self.mlp_ratio * self.d_model / m)
+        # round() first: 8/3 * 96 is 256.00000000000003 in floating point
+        return m * math.ceil(round(self.mlp_ratio * self.d_model, 6) / m)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (JSON-ready when ``attention_options`` is)."""
@@ -111,7 +112,9 @@ class TransformerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"TransformerConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"TransformerConfig: unknown field(s) {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     def replace(self, **changes: Any) -> TransformerConfig:

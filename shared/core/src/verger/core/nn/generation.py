@@ -42,7 +42,11 @@ def generate(
 ) -> Tensor:
     """See :meth:`TransformerLM.generate`."""
     cfg = model.config
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"generate: max_new_tokens={max_new_tokens!r} must be an int >= 0")
     if not greedy and not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"generate: temperature={temperature!r} must be > 0 (or greedy=True)")

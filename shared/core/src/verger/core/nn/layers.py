@@ -76,7 +76,9 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, *, cache: Any = None, use_cache: bool = False, start_pos: int = 0
     ) -> tuple[Tensor, Any]:
-        a, cache = self.attn(self.attn_norm(x), cache=cache, use_cache=use_cache, start_pos=start_pos)
+        a, cache = self.attn(
+            self.attn_norm(x), cache=cache, use_cache=use_cache, start_pos=start_pos
+        )
         x = x + self.dropout(a)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, cache

@@ -19,8 +19,8 @@ from verger.core.train.atomic import (
 )
 from verger.core.train.checkpoint import (
     Checkpoint,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     rng_state,
     set_rng_state,
 )

@@ -177,7 +177,9 @@ class Checkpointer:
         try:
             meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
-            raise CheckpointError(f"{meta_path} is missing: incomplete checkpoint; {remedy}") from None
+            raise CheckpointError(
+                f"{meta_path} is missing: incomplete checkpoint; {remedy}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{meta_path} is corrupt ({exc}); {remedy}") from None
         if meta.get("format") != FORMAT_VERSION:
@@ -199,7 +201,9 @@ class Checkpointer:
         except FileNotFoundError:
             raise CheckpointError(f"{state_path} is missing; {remedy}") from None
         except Exception as exc:  # torch.load raises many types on a torn or garbled file
-            raise CheckpointError(f"{state_path} is corrupt ({type(exc).__name__}: {exc}); {remedy}") from None
+            raise CheckpointError(
+                f"{state_path} is corrupt ({type(exc).__name__}: {exc}); {remedy}"
+            ) from None
         if optimizer is not None:
             if state["optimizer"] is None:
                 raise CheckpointError(f"{state_path} holds no optimizer state; {remedy}")
@@ -217,4 +221,3 @@ class Checkpointer:
         if self.latest_step() is None:
             return None
         return self.load(None, **kwargs)
-

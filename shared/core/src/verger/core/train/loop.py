@@ -53,7 +53,12 @@ class LoopConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_steps", 1), ("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0)):
+        for name, low in (
+            ("max_steps", 1),
+            ("grad_accum", 1),
+            ("log_every", 1),
+            ("checkpoint_every", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"LoopConfig.{name}={value!r} must be an int >= {low}")
@@ -143,7 +148,11 @@ class TrainLoop:
             return
         extra = {"data": data.state_dict()} if hasattr(data, "state_dict") else {}
         self.checkpointer.save(
-            self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, extra=extra
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra=extra,
         )
 
     def resume(self, data: Any = None) -> bool:

@@ -24,7 +24,9 @@ def progress(
     ``True`` forces it (e.g. in notebooks). Extra keyword arguments go to tqdm.
     """
     disable = None if enabled is None else not enabled
-    return iter(tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs))
+    return iter(
+        tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs)
+    )
 
 
 def progress_bar(*, total: int | None, desc: str = "", enabled: bool | None = None) -> Any:

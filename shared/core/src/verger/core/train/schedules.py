@@ -34,9 +34,7 @@ def _warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def cosine_schedule(
-    total_steps: int, *, warmup_steps: int = 0, min_ratio: float = 0.1
-) -> Schedule:
+def cosine_schedule(total_steps: int, *, warmup_steps: int = 0, min_ratio: float = 0.1) -> Schedule:
     """Linear warm-up, then cosine decay from 1 to ``min_ratio`` at ``total_steps``."""
     _check_int("total_steps", total_steps, 1)
     _check_int("warmup_steps", warmup_steps, 0)
@@ -106,6 +104,8 @@ def constant_schedule(*, warmup_steps: int = 0) -> Schedule:
     return lambda step: _warmup(step, warmup_steps)
 
 
-def lambda_lr(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
+def lambda_lr(
+    optimizer: torch.optim.Optimizer, schedule: Schedule
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``LambdaLR`` driving every parameter group of ``optimizer`` with ``schedule``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -36,7 +36,7 @@ def hash_codes(
     w = torch.ones(g, n, 1, device=x.device) if valid is None else valid[..., None].float()
     scale = ((proj.square() * w).sum((1, 2)) / (w.sum((1, 2)) * bits).clamp_min(1.0)).sqrt()
     proj = proj + offsets.to(x.device) * scale[:, None, None]
-    return torch.where(proj >= 0, 1.0, -1.0)
+    return (proj >= 0).float().mul_(2.0).sub_(1.0)
 
 
 def _initial_centroids(codes: torch.Tensor, n_clusters: int, lengths: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ def hamming_kmeans(
     Centroids are per-bit majority votes of their members (ties to +1); an empty cluster keeps
     its previous centroid. ``valid`` (G, N) bool restricts which rows vote (padding does not);
     rows must be left-aligned (valid positions first), as with right padding. Every row is
-    still assigned to its nearest centroid.
+    still assigned to its nearest centroid. Stops early once the assignments are stable (a
+    fixed point: further iterations would change nothing).
     """
     g, n, bits = codes.shape
     lengths = (
@@ -67,17 +68,22 @@ def hamming_kmeans(
     )
     centroids = _initial_centroids(codes, n_clusters, lengths)
     weights = codes if valid is None else codes * valid[..., None]
-    assign = torch.empty(g, n, dtype=torch.long, device=codes.device)
+    # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
+    # iterations because fresh large CPU allocations cost page faults comparable to the matmul
+    scores = torch.bmm(codes, centroids.mT)
+    assign = scores.argmax(-1)
+    votes = torch.empty_like(centroids)
+    counts = torch.empty(g, n_clusters, device=codes.device)
+    ones = torch.ones(g, n, device=codes.device) if valid is None else valid.float()
+    index = torch.empty(g, n, bits, dtype=torch.long, device=codes.device)
     for _ in range(max(iterations, 1)):
-        # argmin Hamming distance == argmax of the ±1 inner product
-        assign = torch.bmm(codes, centroids.mT).argmax(-1)
-        votes = torch.zeros_like(centroids).scatter_add_(
-            1, assign[..., None].expand(-1, -1, bits), weights
-        )
-        counts = torch.zeros(g, n_clusters, device=codes.device).scatter_add_(
-            1, assign, torch.ones_like(assign, dtype=torch.float32) if valid is None else valid.float()
-        )
-        updated = torch.where(votes >= 0, 1.0, -1.0)
+        index.copy_(assign[..., None].expand(-1, -1, bits))
+        votes.zero_().scatter_add_(1, index, weights)
+        counts.zero_().scatter_add_(1, assign, ones)
+        updated = (votes >= 0).float().mul_(2.0).sub_(1.0)
         centroids = torch.where(counts[..., None] > 0, updated, centroids)
-    assign = torch.bmm(codes, centroids.mT).argmax(-1)
+        torch.bmm(codes, centroids.mT, out=scores)
+        previous, assign = assign, scores.argmax(-1)
+        if torch.equal(previous, assign):
+            break
     return assign, centroids

@@ -77,7 +77,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         eager = reduction != "none" and (need_dx or need_dw)
         losses = torch.empty(n, device=x.device, dtype=torch.float32)
         dx = torch.empty_like(x) if eager and need_dx else None
-        dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if eager and need_dw else None
+        dw = (
+            torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
+            if eager and need_dw
+            else None
+        )
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             xc = x[s:e]
@@ -100,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        chunk, ignore_index, reduction, use_triton, eager, w_dtype = ctx.meta
+        chunk, ignore_index, _, use_triton, eager, w_dtype = ctx.meta
         if eager:
             dx, dw, scale = ctx.saved_tensors
             factor = grad_out.float() * scale
@@ -112,12 +116,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_dw else None
         grad_out = grad_out.float()
-        for s in range(0, x.shape[0], chunk):
-            e = min(s + chunk, x.shape[0])
-            logits = (x[s:e] @ weight.T).float()
-            _loss_grad_(logits, targets[s:e], ignore_index, True, use_triton)
-            logits.mul_(grad_out[s:e, None])
-            _accumulate(logits, x[s:e], weight, None if dx is None else dx[s:e], dw)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for s in range(0, x.shape[0], chunk):
+                e = min(s + chunk, x.shape[0])
+                logits = (x[s:e] @ weight.T).float()
+                _loss_grad_(logits, targets[s:e], ignore_index, True, use_triton)
+                logits.mul_(grad_out[s:e, None])
+                _accumulate(logits, x[s:e], weight, None if dx is None else dx[s:e], dw)
         dw = None if dw is None else dw.to(w_dtype)
         return dx, dw, None, None, None, None, None
 
@@ -160,7 +165,9 @@ def linear_cross_entropy(
         raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
     vocab = weight.shape[0]
     if 0 <= ignore_index < vocab:
-        raise ValueError(f"{_OP}: ignore_index={ignore_index} collides with a class in [0, {vocab})")
+        raise ValueError(
+            f"{_OP}: ignore_index={ignore_index} collides with a class in [0, {vocab})"
+        )
     out_of_range = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if bool(out_of_range.any()):
         bad = targets[out_of_range][0].item()
@@ -176,7 +183,9 @@ def linear_cross_entropy(
     else:
         chunk = chunk_size
     use_triton = resolve_backend(backend, x, op=_OP) == "triton"
-    out = _LinearCrossEntropy.apply(
-        x2d, weight, flat_targets, chunk, ignore_index, reduction, use_triton
-    )
+    # The chunk loop manages its own precision (fp32 logits, out= matmuls): keep autocast out.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = _LinearCrossEntropy.apply(
+            x2d, weight, flat_targets, chunk, ignore_index, reduction, use_triton
+        )
     return out.view(targets.shape) if reduction == "none" else out

@@ -31,7 +31,7 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * ROWS_PER_PROGRAM
-    n_rows = tl.minimum(row_start + ROWS_PER_PROGRAM, M) - row_start
+    n_rows = (tl.minimum(row_start + ROWS_PER_PROGRAM, M) - row_start).to(tl.int32)
     for i in range(0, n_rows):
         row = row_start + i
         offs = row * N + cols

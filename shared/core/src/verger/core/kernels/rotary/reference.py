@@ -25,7 +25,9 @@ def rotary_tables(
     seq_len: int, head_dim: int, *, base: float = 10000.0, start: int = 0, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 cos/sin tables [seq_len, head_dim/2] for positions start..start+seq_len-1."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    )
     pos = torch.arange(start, start + seq_len, device=device, dtype=torch.float64)
     angles = torch.outer(pos, inv_freq)
     return angles.cos().float(), angles.sin().float()

@@ -1,0 +1,289 @@
+"""``python -m verger.fast_attention bench``: speed, memory and FLOP efficiency vs torch SDPA.
+
+Every ratio compares candidates timed in the same run, interleaved after warm-up
+(``verger.core.bench.compare``), with one thread count for both sides. Shapes follow the
+issue: batch 1, 8 heads, head dim 64, fp32. On CUDA the Triton kernel is also timed against
+flash-linear-attention's ``chunk_linear_attn`` when that package is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from verger.core.bench import Report, compare, count_flops, measure_peak_memory, new_figure
+from verger.fast_attention.clustered import clustered_attention
+from verger.fast_attention.linear import LinearAttentionState, linear_attention, linear_attention_step
+
+HEADS, DIM = 8, 64
+
+
+def _qkv(n: int, device: torch.device, *, grad: bool = False, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [
+        torch.randn(1, HEADS, n, DIM, generator=g).to(device).requires_grad_(grad) for _ in range(3)
+    ]
+
+
+def _fwdbwd(attn: Callable[..., torch.Tensor], qkv: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for t in qkv:
+            t.grad = None
+        attn(*qkv).sum().backward()
+
+    return run
+
+
+def _no_grad(attn: Callable[..., torch.Tensor], qkv: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            attn(*qkv)
+
+    return run
+
+
+def _causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return linear_attention(q, k, v, causal=True)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _timing(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    timings = compare(fns, warmup=1, repeats=repeats)
+    return {name: t.median_s for name, t in timings.items()}
+
+
+def bench_causal(report: Report, sizes: list[int], device: torch.device, repeats: int) -> None:
+    """Causal fwd+bwd vs SDPA per length; peak memory; our kernel alone at the largest sizes."""
+    rows = []
+    for n in tqdm(sizes, desc="causal fwd+bwd"):
+        qkv = _qkv(n, device, grad=True)
+        fns = {"linear": _fwdbwd(_causal_linear, qkv)}
+        with_sdpa = n <= 16384
+        if with_sdpa:
+            fns["sdpa"] = _fwdbwd(_sdpa_causal, qkv)
+        med = _timing(fns, repeats if n <= 16384 else 1)
+        report.metric(f"causal_linear_fwdbwd_ms_n{n}", med["linear"] * 1e3)
+        row: dict[str, Any] = {"n": n, "linear ms": med["linear"] * 1e3}
+        if with_sdpa:
+            report.metric(f"sdpa_causal_fwdbwd_ms_n{n}", med["sdpa"] * 1e3)
+            report.metric(f"causal_linear_fwdbwd_speedup_vs_sdpa_n{n}", med["sdpa"] / med["linear"])
+            row |= {"sdpa ms": med["sdpa"] * 1e3, "speedup": med["sdpa"] / med["linear"]}
+        rows.append(row)
+        if n == max(sizes):
+            report.metric(f"causal_linear_completed_n{n}", True)
+    report.table("Causal attention, forward + backward (fp32)", rows)
+    fig, ax = new_figure()
+    xs = [r["n"] for r in rows]
+    ax.loglog(xs, [r["linear ms"] for r in rows], "o-", label="causal linear (ours)")
+    sd = [r for r in rows if "sdpa ms" in r]
+    ax.loglog([r["n"] for r in sd], [r["sdpa ms"] for r in sd], "s-", label="torch SDPA (causal)")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("fwd+bwd time (ms)")
+    ax.set_title(f"B=1, H={HEADS}, D={DIM}, fp32, {device.type}")
+    ax.legend()
+    report.plot("causal_fwdbwd_time", fig)
+
+
+def bench_memory(
+    report: Report, device: torch.device, sizes: tuple[int, int] = (4096, 16384)
+) -> None:
+    """Peak tensor memory of causal linear fwd+bwd at two lengths: O(N) means ratio ≈ 4."""
+    peaks = {}
+    for n in sizes:
+        qkv = _qkv(n, device, grad=True)
+        peaks[n] = measure_peak_memory(_fwdbwd(_causal_linear, qkv), device=device)
+        report.metric(f"causal_linear_peak_memory_mb_n{n}", peaks[n] / 2**20)
+    small, large = sizes
+    report.metric(f"causal_linear_peak_memory_ratio_n{large}_over_n{small}", peaks[large] / peaks[small])
+
+
+def bench_noncausal(report: Report, n: int, device: torch.device, repeats: int) -> None:
+    """Non-causal forward at length n: linear, clustered, improved clustered vs SDPA."""
+    qkv = _qkv(n, device)
+
+    def clustered(topk: int | None) -> Callable[..., torch.Tensor]:
+        return lambda q, k, v: clustered_attention(q, k, v, n_clusters=100, topk=topk)
+
+    fns = {
+        "sdpa": _no_grad(F.scaled_dot_product_attention, qkv),
+        "linear": _no_grad(linear_attention, qkv),
+        "improved_clustered": _no_grad(clustered(32), qkv),
+        "clustered": _no_grad(clustered(None), qkv),
+    }
+    med = _timing(fns, repeats)
+    for name in ("linear", "improved_clustered", "clustered"):
+        report.metric(f"{name}_fwd_ms_n{n}", med[name] * 1e3)
+        report.metric(f"{name}_fwd_speedup_vs_sdpa_n{n}", med["sdpa"] / med[name])
+    report.metric(f"sdpa_fwd_ms_n{n}", med["sdpa"] * 1e3)
+    report.table(
+        f"Non-causal forward, n={n} (100 clusters, top-k 32)",
+        [{"name": k, "ms": v * 1e3, "speedup vs sdpa": med["sdpa"] / v} for k, v in med.items()],
+    )
+
+
+def bench_generation(report: Report, contexts: list[int], device: torch.device, tokens: int) -> None:
+    """Per-token decoding cost after a context: recurrent state vs SDPA with a KV cache."""
+    rows = []
+    for ctx in tqdm(contexts, desc="generation"):
+        q, k, v = _qkv(ctx + tokens, device)
+        with torch.no_grad():
+            _, state = linear_attention(
+                q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], causal=True, return_state=True
+            )
+        k_cache, v_cache = k.clone(), v.clone()  # preallocated cache, filled up to ctx
+
+        def linear_decode(state: LinearAttentionState = state) -> None:
+            s = state
+            with torch.no_grad():
+                for t in range(ctx, ctx + tokens):
+                    _, s = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], s)
+
+        def sdpa_decode() -> None:
+            with torch.no_grad():
+                for t in range(ctx, ctx + tokens):
+                    k_cache[:, :, t] = k[:, :, t]
+                    v_cache[:, :, t] = v[:, :, t]
+                    F.scaled_dot_product_attention(
+                        q[:, :, t : t + 1], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1]
+                    )
+
+        med = _timing({"linear": linear_decode, "sdpa": sdpa_decode}, 5)
+        lin_ms, sdpa_ms = med["linear"] * 1e3 / tokens, med["sdpa"] * 1e3 / tokens
+        report.metric(f"generation_ms_per_token_linear_ctx{ctx}", lin_ms)
+        report.metric(f"generation_ms_per_token_sdpa_ctx{ctx}", sdpa_ms)
+        rows.append({"context": ctx, "linear ms/token": lin_ms, "sdpa ms/token": sdpa_ms})
+    first, last = rows[0], rows[-1]
+    report.metric(
+        f"generation_ms_per_token_ratio_ctx{last['context']}_over_ctx{first['context']}",
+        last["linear ms/token"] / first["linear ms/token"],
+    )
+    report.metric(
+        f"generation_speedup_vs_sdpa_kvcache_ctx{last['context']}",
+        last["sdpa ms/token"] / last["linear ms/token"],
+    )
+    report.table("Decoding one token (8 heads, dim 64)", rows)
+    fig, ax = new_figure()
+    xs = [r["context"] for r in rows]
+    ax.loglog(xs, [r["linear ms/token"] for r in rows], "o-", label="linear: recurrent state")
+    ax.loglog(xs, [r["sdpa ms/token"] for r in rows], "s-", label="SDPA + KV cache")
+    ax.set_xlabel("context length")
+    ax.set_ylabel("ms per generated token")
+    ax.legend()
+    report.plot("generation_ms_per_token", fig)
+
+
+def bench_flops_efficiency(report: Report, n: int, device: torch.device, repeats: int) -> None:
+    """Achieved FLOP/s of causal linear fwd+bwd over torch.bmm FLOP/s on its chunk shapes."""
+    qkv = _qkv(n, device, grad=True)
+    run = _fwdbwd(_causal_linear, qkv)
+    flops = count_flops(run)
+    chunk = 128
+    a = torch.randn(HEADS * n // chunk, chunk, DIM, device=device)
+    b = torch.randn(HEADS * n // chunk, DIM, chunk, device=device)
+    c = torch.randn(HEADS * n // chunk, chunk, DIM, device=device)
+
+    def bmm_pair() -> None:  # the two dominant shapes: scores (C×D·D×C) and values (C×C·C×D)
+        torch.bmm(torch.bmm(a, b), c)
+
+    med = _timing({"causal_linear": run, "bmm": bmm_pair}, repeats)
+    bmm_flops = 2 * 2 * (HEADS * n // chunk) * chunk * chunk * DIM
+    achieved, peak = flops / med["causal_linear"], bmm_flops / med["bmm"]
+    report.metric("causal_linear_gflops", achieved / 1e9)
+    report.metric("bmm_gflops_matching_shapes", peak / 1e9)
+    report.metric("causal_linear_flops_efficiency", achieved / peak)
+
+
+def bench_gpu(report: Report, sizes: list[int], repeats: int) -> None:
+    """CUDA: Triton kernel vs flash-linear-attention (if installed) and SDPA, fp16 fwd+bwd."""
+    for n in sizes:
+        q, k, v = (t.half().detach().requires_grad_() for t in _qkv(n, torch.device("cuda")))
+        fns: dict[str, Callable[[], None]] = {
+            "ours": _fwdbwd(_causal_linear, [q, k, v]),
+            "sdpa": _fwdbwd(_sdpa_causal, [q, k, v]),
+        }
+        try:
+            from fla.ops.linear_attn import chunk_linear_attn
+
+            def fla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                out = chunk_linear_attn(
+                    (F.elu(q) + 1).transpose(1, 2),
+                    (F.elu(k) + 1).transpose(1, 2),
+                    v.transpose(1, 2),
+                    scale=1.0,
+                    normalize=True,
+                )
+                return out[0] if isinstance(out, tuple) else out
+
+            fns["fla"] = _fwdbwd(fla_attn, [q, k, v])
+        except ImportError:
+            pass
+        med = _timing(fns, repeats)
+        report.metric(f"gpu_causal_linear_fwdbwd_ms_n{n}", med["ours"] * 1e3)
+        report.metric(f"gpu_causal_linear_speedup_vs_sdpa_n{n}", med["sdpa"] / med["ours"])
+        if "fla" in med:
+            report.metric(f"gpu_causal_linear_speedup_vs_fla_n{n}", med["fla"] / med["ours"])
+
+
+def run_bench(args: argparse.Namespace) -> Report:
+    """Run the sweep (reduced with ``--quick``) and write the report under ``args.out``."""
+    device = torch.device("cpu")
+    threads = getattr(args, "threads", None) or 2
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    report = Report(args.out, title="verger-fast-attention bench")
+    report.metric("threads", threads)
+    report.metric("quick", bool(args.quick))
+    quick = bool(args.quick)
+    repeats = 2 if quick else 5
+    sizes = [1024, 4096, 16384] if quick else [1024, 4096, 16384, 65536]
+    report.text(
+        f"CPU, fp32, batch 1, {HEADS} heads, head dim {DIM}, torch.set_num_threads({threads}) "
+        "for both sides; medians of interleaved repeats (verger.core.bench.compare)."
+    )
+    steps = tqdm(total=5, desc="bench sections")
+    bench_causal(report, sizes, device, repeats)
+    steps.update()
+    bench_memory(report, device)
+    steps.update()
+    bench_noncausal(report, 16384, device, repeats)
+    steps.update()
+    bench_generation(report, [1024, 16384], device, 16 if quick else 64)
+    steps.update()
+    bench_flops_efficiency(report, 16384 if not quick else 4096, device, repeats)
+    steps.update()
+    steps.close()
+    if torch.cuda.is_available():
+        bench_gpu(report, [1024, 8192, 32768], repeats)
+    report.write()
+    return report
+
+
+def check_targets(metrics: dict[str, Any]) -> list[str]:
+    """The issue's targets that this run missed (empty when every measured one is met)."""
+    targets = {
+        "causal_linear_fwdbwd_speedup_vs_sdpa_n4096": (">=", 4),
+        "causal_linear_fwdbwd_speedup_vs_sdpa_n16384": (">=", 15),
+        "linear_fwd_speedup_vs_sdpa_n16384": (">=", 30),
+        "improved_clustered_fwd_speedup_vs_sdpa_n16384": (">=", 3),
+        "causal_linear_peak_memory_ratio_n16384_over_n4096": ("<=", 4.4),
+        "generation_ms_per_token_ratio_ctx16384_over_ctx1024": ("<=", 1.1),
+        "generation_speedup_vs_sdpa_kvcache_ctx16384": (">=", 10),
+    }
+    missed = []
+    for key, (op, bound) in targets.items():
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            continue
+        ok = value >= bound if op == ">=" else value <= bound
+        if not ok:
+            missed.append(f"{key} = {value:.3g} (target {op} {bound})")
+    return missed

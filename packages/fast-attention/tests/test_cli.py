@@ -1,0 +1,48 @@
+"""The bench and demo commands: sections run at tiny sizes and write the contracted files."""
+
+import json
+
+import pytest
+
+from verger.core.bench import Report
+from verger.fast_attention import bench
+from verger.fast_attention.__main__ import main
+
+
+def test_bench_sections_write_metrics_and_plots(tmp_path):
+    device = bench.torch.device("cpu")
+    report = Report(tmp_path, title="t")
+    bench.bench_causal(report, [64, 256], device, repeats=1)
+    bench.bench_memory(report, device, sizes=(256, 1024))
+    bench.bench_noncausal(report, 256, device, repeats=1)
+    bench.bench_generation(report, [32, 128], device, tokens=2)
+    bench.bench_flops_efficiency(report, 256, device, repeats=1)
+    report.write()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "causal_linear_fwdbwd_speedup_vs_sdpa_n256",
+        "linear_fwd_speedup_vs_sdpa_n256",
+        "improved_clustered_fwd_speedup_vs_sdpa_n256",
+        "causal_linear_peak_memory_ratio_n1024_over_n256",
+        "generation_ms_per_token_ratio_ctx128_over_ctx32",
+        "generation_speedup_vs_sdpa_kvcache_ctx128",
+        "causal_linear_flops_efficiency",
+    ):
+        assert key in metrics and metrics[key] > 0, key
+    # O(N) memory: 4x the length, at most ~4.4x the peak
+    assert metrics["causal_linear_peak_memory_ratio_n1024_over_n256"] <= 4.4
+    assert (tmp_path / "causal_fwdbwd_time.png").is_file()
+    assert (tmp_path / "generation_ms_per_token.png").is_file()
+    assert bench.check_targets({"linear_fwd_speedup_vs_sdpa_n16384": 2.0})
+
+
+def test_cli_rejects_unknown_command():
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+
+
+@pytest.mark.slow
+def test_demo_quick_runs(tmp_path):
+    assert main(["demo", "--quick", "--steps", "3", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val_loss_softmax", "val_loss_linear", "val_loss_improved_clustered"} <= set(metrics)

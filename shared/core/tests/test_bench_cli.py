@@ -1,0 +1,53 @@
+"""``python -m verger.core demo``: a tiny TransformerLM trains on the embedded corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verger.core.__main__ import main
+
+
+def test_demo_trains_and_reports_per_domain_validation_loss(tmp_path) -> None:
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "demo"
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--domains",
+        "docs,code",
+        "--steps",
+        "6",
+        "--vocab-size",
+        "320",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-bytes-per-domain",
+        "40000",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "val_loss_docs",
+        "val_loss_code",
+        "val_loss_initial_docs",
+        "val_loss_mean",
+        "train_loss_final",
+        "tokens_trained",
+        "model_parameters",
+        "tokenizer_vocab_size",
+    ):
+        assert key in metrics, key
+    assert metrics["domains"] == 2 and metrics["tokenizer_vocab_size"] <= 320
+    assert metrics["val_loss_mean"] < metrics["val_loss_mean_initial"]  # it learned something
+    assert (out / "val_loss_by_domain.png").stat().st_size > 0
+    assert "Validation loss by domain" in (out / "report.md").read_text()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "0", "--out", str(out)])
