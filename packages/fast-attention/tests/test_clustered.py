@@ -137,7 +137,9 @@ def test_gradcheck_fp64(topk, causal):
 def test_half_precision_inputs():
     q, k, v = (t.half() for t in _qkv())
     out = clustered_attention(q, k, v, n_clusters=4, topk=8, generator=_gen())
-    ref = clustered_attention(q.float(), k.float(), v.float(), n_clusters=4, topk=8, generator=_gen())
+    ref = clustered_attention(
+        q.float(), k.float(), v.float(), n_clusters=4, topk=8, generator=_gen()
+    )
     assert out.dtype == torch.float16
     assert_close(out.float(), ref, rtol=1e-2)
 
@@ -151,6 +153,8 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="bits"):
         clustered_attention(q, k, v, n_clusters=2, bits=0)
     with pytest.raises(ValueError, match="every key"):
-        clustered_attention(q, k, v, n_clusters=2, key_padding_mask=torch.ones(2, 40, dtype=torch.bool))
+        clustered_attention(
+            q, k, v, n_clusters=2, key_padding_mask=torch.ones(2, 40, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="causal"):
         clustered_attention(q, k[:, :, :3], v[:, :, :3], n_clusters=2, causal=True)

@@ -59,7 +59,9 @@ def test_recurrent_steps_equal_causal_batch(feature_map):
     full = linear_attention(q, k, v, causal=True, feature_map=fm)
     state = None
     for t in range(q.shape[2]):
-        out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, feature_map=fm)
+        out, state = linear_attention_step(
+            q[:, :, t], k[:, :, t], v[:, :, t], state, feature_map=fm
+        )
         assert_close(out, full[:, :, t], rtol=1e-5, name=f"step {t}")
     assert state.steps == 40
     f = 32 if feature_map == "favor" else 8
@@ -69,7 +71,9 @@ def test_recurrent_steps_equal_causal_batch(feature_map):
 def test_prompt_state_then_steps():
     q, k, v = _qkv(n=30)
     full = linear_attention(q, k, v, causal=True)
-    prefix, state = linear_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True, return_state=True)
+    prefix, state = linear_attention(
+        q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True, return_state=True
+    )
     assert isinstance(state, LinearAttentionState)
     assert_close(prefix, full[:, :, :20], rtol=1e-5)
     for t in range(20, 30):
@@ -84,7 +88,9 @@ def test_ragged_lengths_with_padding_mask(causal):
     mask = torch.arange(24)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding
     out = linear_attention(q, k, v, causal=causal, key_padding_mask=mask)
     for i, n in enumerate(lengths):
-        alone = linear_attention(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n], causal=causal)
+        alone = linear_attention(
+            q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n], causal=causal
+        )
         assert_close(out[i : i + 1, :, :n], alone, rtol=1e-5, name=f"row {i}")
         assert torch.all(out[i, :, n:] == 0)
 
@@ -126,3 +132,14 @@ def test_torch_compile_cpu():
     assert_close(out, linear_attention(q, k, v, causal=True), rtol=1e-5)
     out.sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+def test_inplace_step_equals_functional_step():
+    q, k, v = _qkv(n=5)
+    _, state = linear_attention(q, k, v, causal=True, return_state=True)
+    copy = LinearAttentionState(s=state.s.clone(), z=state.z.clone(), steps=state.steps)
+    want, new = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state)
+    got, same = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], copy, inplace=True)
+    assert same is copy and same.steps == new.steps == 6
+    assert_close(got, want, rtol=1e-6)
+    assert_close(same.s, new.s, rtol=1e-6)

@@ -123,7 +123,10 @@ def test_causal_clustered_lm_has_no_value_leak_from_the_future():
 def test_favor_feature_map_through_attention_options():
     cfg = tiny_config(
         attention="linear",
-        attention_options={"feature_map": "favor", "feature_map_options": {"n_features": 16, "seed": 0}},
+        attention_options={
+            "feature_map": "favor",
+            "feature_map_options": {"n_features": 16, "seed": 0},
+        },
     )
     model = TransformerLM(cfg)
     loss = model(torch.randint(0, 61, (2, 8)), targets=torch.randint(0, 61, (2, 8))).loss

@@ -8,7 +8,7 @@ import torch
 from verger.core.testing import setup_triton_interpreter
 
 setup_triton_interpreter()
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # shared 2-core machines: more threads only contend
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from verger.maeclip import MAECLIPConfig, TrainConfig, train
+from verger.maeclip import MAECLIPConfig, TrainConfig, train, train_test_split
 from verger.maeclip.evaluate import zero_shot_accuracy
 from verger.maeclip.train import StepBatchSampler
 
@@ -20,14 +20,14 @@ def _cfg(**kw):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, mnist_micro):
     data = mnist_micro.subset(range(64))
     straight = train(MICRO, _cfg(), data)
-    first = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3), data)
+    first = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3, log_every=1), data)
     assert (tmp_path / "checkpoints" / "step-00000006").is_dir()
     # interrupt after step 3: drop the final checkpoint and resume
     import shutil
 
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000006")
     (tmp_path / "checkpoints" / "latest").write_text("step-00000003\n")
-    resumed = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3), data)
+    resumed = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3, log_every=1), data)
     assert resumed.resumed_from == 3
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -59,7 +59,7 @@ def test_train_config_validation():
 
 def test_clip_training_learns_zero_shot_digits(mnist_micro, tokenizer_micro):
     """Convergence bound: 80 CLIP steps on MNIST captions beat chance (10%) by far."""
-    train_set, test_set = mnist_micro.subset(range(3000)), mnist_micro.subset(range(4500, 5000))
+    train_set, test_set = train_test_split(mnist_micro, test_size=500)
     cfg = MICRO.for_method("clip")
     result = train(cfg, _cfg(steps=80, batch_size=64, warmup_steps=5), train_set)
     assert result.history[-1]["clip_loss"] < result.history[0]["clip_loss"] - 0.5
@@ -67,7 +67,7 @@ def test_clip_training_learns_zero_shot_digits(mnist_micro, tokenizer_micro):
 
 
 def test_mae_training_lowers_the_reconstruction_loss(mnist_micro):
-    result = train(MICRO.for_method("mae"), _cfg(steps=40, batch_size=64), mnist_micro.subset(range(2000)))
+    result = train(MICRO.for_method("mae"), _cfg(steps=40, batch_size=64), mnist_micro)
     first = sum(h["mae_loss"] for h in result.history[:5]) / 5
     last = sum(h["mae_loss"] for h in result.history[-5:]) / 5
     assert last < 0.8 * first

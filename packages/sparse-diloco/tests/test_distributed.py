@@ -1,17 +1,19 @@
 """Multi-process gloo runs equal the single-process simulator; crash, then exact resume."""
 
 import pytest
-import torch
 
+from verger.core.distributed import run_multiprocess
 from verger.core.testing import assert_close
 from verger.sparse_diloco import DiLoCoConfig
-from verger.core.distributed import run_multiprocess
 from verger.sparse_diloco.runner import TrainSpec, distributed_main, distributed_runs, train_run
 
 
 def spec(**kw):
     config = DiLoCoConfig(
-        num_workers=4, inner_steps=4, inner_lr=3e-3, num_fragments=kw.pop("fragments", 1),
+        num_workers=4,
+        inner_steps=4,
+        inner_lr=3e-3,
+        num_fragments=kw.pop("fragments", 1),
         compression_bits=kw.pop("bits", 32),
     )
     kw.setdefault("rounds", 3)
@@ -42,7 +44,10 @@ def test_simulator_equals_four_gloo_processes():
 def test_crashed_worker_fails_the_run_and_resume_loses_nothing(tmp_path):
     reference = train_run(spec())
     crashing = spec(checkpoint_dir=str(tmp_path), crash=(2, 2))
-    with pytest.raises(Exception, match=r"rank\(s\) \[2\] exited without a result|WorkerLostError: worker \d: a peer left"):
+    with pytest.raises(
+        Exception,
+        match=r"rank\(s\) \[2\] exited without a result|WorkerLostError: worker \d: a peer left",
+    ):
         run_multiprocess(distributed_main, 4, crashing)
     resumed = run_multiprocess(distributed_main, 4, spec(checkpoint_dir=str(tmp_path)))
     assert resumed[0]["resumed_from"] == 2

@@ -28,7 +28,11 @@ def run_engine(plan, config, rounds=3, seed=0):
 def masks_of(plan):
     return [
         {
-            n: (plan.selection(k, n).mask(s) if plan.selection(k, n) else torch.zeros(s, dtype=torch.bool))
+            n: (
+                plan.selection(k, n).mask(s)
+                if plan.selection(k, n)
+                else torch.zeros(s, dtype=torch.bool)
+            )
             for n, s in plan.shapes.items()
         }
         for k in range(plan.num_workers)
@@ -46,7 +50,11 @@ def test_full_plan_equals_plain_diloco(fragments):
     plan = SubsetPlan.full(toy_model(), 4)
     engine = run_engine(plan, config)
     ref = reference_diloco(
-        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3,
+        toy_model(),
+        config,
+        loss_fn=toy_loss,
+        data=ToyData(),
+        rounds=3,
         fragments=plan.fragments(fragments),
     )
     assert_models_close(engine.model, ref, 1e-6)
@@ -83,8 +91,13 @@ def test_partial_streaming_equals_masked_reference():
     plan = SubsetPlan.mlp_slices(toy_model(), 4)
     engine = run_engine(plan, config, rounds=2)
     ref = reference_diloco(
-        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=2,
-        masks=masks_of(plan), fragments=plan.fragments(2),
+        toy_model(),
+        config,
+        loss_fn=toy_loss,
+        data=ToyData(),
+        rounds=2,
+        masks=masks_of(plan),
+        fragments=plan.fragments(2),
     )
     assert_models_close(engine.model, ref, 1e-6)
 

@@ -16,7 +16,9 @@ def brute_counts(plan: SubsetPlan, name: str) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("workers,slices,overlap", [(4, 4, 0.0), (8, 4, 0.0), (4, 4, 0.25), (3, 3, 0.1)])
+@pytest.mark.parametrize(
+    "workers,slices,overlap", [(4, 4, 0.0), (8, 4, 0.0), (4, 4, 0.25), (3, 3, 0.1)]
+)
 def test_mlp_slices_counts_are_exact(workers, slices, overlap):
     model = toy_model(hidden=30)
     plan = SubsetPlan.mlp_slices(model, workers, num_slices=slices, overlap=overlap)

@@ -9,7 +9,11 @@ pytest.importorskip("deepspeed")
 
 
 def _zero_roundtrip(stage: int) -> dict:
-    import deepspeed.comm.torch as ds_comm
+    import sys
+
+    import deepspeed.comm  # noqa: F401  (loads the submodule patched below)
+
+    ds_comm = sys.modules["deepspeed.comm.torch"]  # the attribute path resolves to torch itself
 
     # DeepSpeed compiles a shared-memory all-reduce op for CPU on first use (40 s to minutes
     # on a busy 2-core machine). It is only a speed-up over gloo, which this test exercises

@@ -68,6 +68,19 @@ def test_triton_vocab_spanning_several_blocks(dtype):
         assert_close(a.float(), b, rtol=RTOL[dtype], name=name)
 
 
+@pytest.mark.slow
+@requires_triton
+def test_triton_at_gpt2_vocab_with_ragged_rows():
+    x, w, t = _case(67, 32, 50257, torch.float32, seed=8, ignore_every=9)
+    dy = torch.tensor(1.0)
+    got = _run(
+        lambda a, b: linear_cross_entropy(a, b, t, chunk_size=16, backend="triton"), x, w, dy
+    )
+    ref = _run(lambda a, b: linear_cross_entropy_reference(a, b, t), x, w, dy)
+    for name, a, b in zip(("loss", "dx", "dweight"), got, ref):
+        assert_close(a, b, rtol=1e-5, name=name)
+
+
 def test_leading_dims_and_chunk_size_do_not_change_the_result():
     x, w, t = _case(24, 8, 13, torch.float32, seed=2)
     whole = linear_cross_entropy(x, w, t, chunk_size=24)

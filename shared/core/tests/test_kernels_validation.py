@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from verger.core.kernels import apply_rotary_emb, linear_cross_entropy, rms_norm, swiglu
+from verger.core.kernels import (
+    apply_rotary_emb,
+    linear_cross_entropy,
+    rms_norm,
+    swiglu,
+    use_backend,
+)
 
 
 def test_rms_norm_rejects_bad_input():
@@ -73,3 +79,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"):
         swiglu(torch.randn(3), torch.randn(3), backend="triton")
+
+
+def test_use_backend_redirects_auto_only_inside_the_block(monkeypatch):
+    with pytest.raises(ValueError, match="use_backend: backend='auto'"), use_backend("auto"):
+        pass
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"), use_backend("triton"):
+        swiglu(torch.randn(3), torch.randn(3))
+    swiglu(torch.randn(3), torch.randn(3))  # "auto" is back to the torch path

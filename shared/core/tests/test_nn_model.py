@@ -193,6 +193,19 @@ def test_forward_rejects_bad_input():
         TransformerLM({"vocab_size": 3})
 
 
+def test_cache_from_another_model_is_rejected():
+    cache = _model(n_layers=1)(_ids(1, 3), use_cache=True).cache
+    with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
+        _model()(_ids(1, 1), cache=cache, use_cache=True)
+
+
+def test_limit_torch_threads_restores_the_count():
+    before = torch.get_num_threads()
+    with limit_torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 def test_dropout_is_active_only_in_training():
     model = _model(dropout=0.3)
     ids = _ids(2, 8)

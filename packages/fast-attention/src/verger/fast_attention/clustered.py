@@ -24,11 +24,12 @@ from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops.causal_linear import causal_linear
 from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
 
-__all__ = ["clustered_attention", "cluster_queries", "clustered_attention_from_clusters"]
+__all__ = ["cluster_queries", "clustered_attention", "clustered_attention_from_clusters"]
 
 
-
-def _query_validity(mask: torch.Tensor | None, b: int, h: int, nq: int, nk: int) -> torch.Tensor | None:
+def _query_validity(
+    mask: torch.Tensor | None, b: int, h: int, nq: int, nk: int
+) -> torch.Tensor | None:
     if mask is None or nq != nk:
         return None
     return (~mask)[:, None, :].expand(b, h, nq).reshape(b * h, nq)
@@ -62,7 +63,9 @@ def cluster_queries(
     return assign.view(b, h, n), clusters
 
 
-def _centroids(q3: torch.Tensor, assign: torch.Tensor, clusters: int, valid: torch.Tensor | None) -> torch.Tensor:
+def _centroids(
+    q3: torch.Tensor, assign: torch.Tensor, clusters: int, valid: torch.Tensor | None
+) -> torch.Tensor:
     w = torch.ones_like(q3[..., :1]) if valid is None else valid[..., None].to(q3.dtype)
     counts = torch.zeros(q3.shape[0], clusters, 1, dtype=q3.dtype, device=q3.device)
     counts.scatter_add_(1, assign[..., None], w)
@@ -204,7 +207,7 @@ def _products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untype
 
 
 def _causal_products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]
-    g, nq, _ = q3.shape
+    nq = q3.shape[1]
     clusters = logits.shape[1]
     # e[c, j] = exp(logit - max_c): a per-cluster constant, which cancels in every ratio below
     e = torch.exp(logits - logits.amax(-1, keepdim=True).detach().clamp_min(-1e30))

@@ -34,7 +34,9 @@ def _attentions(seq_len: int) -> dict[str, dict[str, Any]]:
 
 def _data(quick: bool, seq_len: int) -> tuple[PackedDataset, PackedDataset]:
     corpus = build_corpus(
-        domains=["docs", "code"], max_bytes_per_domain=300_000 if quick else 2_000_000, progress=False
+        domains=["docs", "code"],
+        max_bytes_per_domain=300_000 if quick else 2_000_000,
+        progress=False,
     )
     tok = ByteTokenizer()
     train = torch.cat(list(tokenize_corpus(corpus, tok, "train").values()))
@@ -119,7 +121,9 @@ def run_demo(args: argparse.Namespace) -> Report:
                     | {f"gen ms/tok @{c}": ms for c, ms in gen[name].items()})  # fmt: skip
     c0, c1 = contexts[0], contexts[-1]
     for name in gen:
-        report.metric(f"generation_growth_{name}_ctx{c1}_over_ctx{c0}", gen[name][c1] / gen[name][c0])
+        report.metric(
+            f"generation_growth_{name}_ctx{c1}_over_ctx{c0}", gen[name][c1] / gen[name][c0]
+        )
     report.table("Small LMs, same steps", rows)
     fig, ax = new_figure()
     for name, losses in curves.items():

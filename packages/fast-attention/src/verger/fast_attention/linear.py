@@ -98,13 +98,15 @@ def linear_attention_step(
     *,
     feature_map: str | FeatureMap = "elu",
     eps: float = 1e-6,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """One token of causal linear attention in O(1) time and memory: the RNN form.
 
     ``q_t``, ``k_t``: (batch, heads, dim); ``v_t``: (batch, heads, dv). Returns the output
     (batch, heads, dv) in v's dtype and the updated state
     ``s ← s + φ(k_t) v_tᵀ``, ``z ← z + φ(k_t)``. Pass the same FeatureMap instance as the batch
-    call (random-feature maps hold their projection).
+    call (random-feature maps hold their projection). ``inplace=True`` updates ``state`` in
+    place and returns it (no allocation per token; for decode loops that own their state).
     """
     for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -131,9 +133,20 @@ def linear_attention_step(
             f"state.s has shape {tuple(state.s.shape)}, which does not fit features "
             f"{tuple(kf.shape)} and values {tuple(v_t.shape)}"
         )
-    s = state.s + kf.unsqueeze(-1) * vv.unsqueeze(-2)
-    z = state.z + kf
-    num = (qf.unsqueeze(-2) @ s).squeeze(-2)
+    b, h, f = kf.shape
+    flat = state.s.view(b * h, f, -1)
+    outer = (kf.reshape(b * h, f, 1), vv.reshape(b * h, 1, -1))
+    if inplace:  # one fused rank-1 update, no new (F, Dv) tensor per token
+        s = state.s
+        flat.baddbmm_(*outer)
+        z = state.z.add_(kf)
+    else:
+        s = torch.baddbmm(flat, *outer).view_as(state.s)
+        z = state.z + kf
+    num = torch.bmm(qf.reshape(b * h, 1, f), s.view(b * h, f, -1)).view(b, h, -1)
     den = (qf * z).sum(-1, keepdim=True)
     out = (num / (den + eps)).to(v_t.dtype)
+    if inplace:
+        state.steps += 1
+        return out, state
     return out, LinearAttentionState(s=s, z=z, steps=state.steps + 1)

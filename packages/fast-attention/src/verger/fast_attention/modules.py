@@ -62,7 +62,9 @@ class _Projected(nn.Module):
             raise ValueError(f"x must be (batch, seq, {self.d_model}), got {tuple(x.shape)}")
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)
-        return tuple(p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # type: ignore[return-value]
+        return tuple(
+            p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # type: ignore[return-value]
 
     def _out(self, y: Tensor) -> Tensor:
         b, h, t, d = y.shape
@@ -90,7 +92,9 @@ class LinearAttention(_Projected):
         super().__init__(d_model, n_heads)
         self.causal = causal
         self.eps = eps
-        self.feature_map = get_feature_map(feature_map, self.head_dim, **(feature_map_options or {}))
+        self.feature_map = get_feature_map(
+            feature_map, self.head_dim, **(feature_map_options or {})
+        )
 
     def forward(
         self,
@@ -123,7 +127,12 @@ class LinearAttention(_Projected):
         state = cache
         for t in range(q.shape[2]):  # continuing a cached prefix: the RNN form, token by token
             o, state = linear_attention_step(
-                q[:, :, t], k[:, :, t], v[:, :, t], state, feature_map=self.feature_map, eps=self.eps
+                q[:, :, t],
+                k[:, :, t],
+                v[:, :, t],
+                state,
+                feature_map=self.feature_map,
+                eps=self.eps,
             )
             outs.append(o)
         return self._out(torch.stack(outs, 2)), (state if use_cache else None)
@@ -207,7 +216,10 @@ class ClusteredAttention(_Projected):
             return self._out(y), (KVCache(k, v) if use_cache else None)
         outs = []
         for t in range(q.shape[2]):  # a new query sees every cached key: no causal mask needed
-            cache = KVCache(torch.cat((cache.k, k[:, :, t : t + 1]), 2), torch.cat((cache.v, v[:, :, t : t + 1]), 2))
+            cache = KVCache(
+                torch.cat((cache.k, k[:, :, t : t + 1]), 2),
+                torch.cat((cache.v, v[:, :, t : t + 1]), 2),
+            )
             outs.append(self._attend(q[:, :, t : t + 1], cache.k, cache.v, None, False))
         return self._out(torch.cat(outs, 2)), (cache if use_cache else None)
 

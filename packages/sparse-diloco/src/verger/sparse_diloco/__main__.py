@@ -24,7 +24,11 @@ def _train(args: argparse.Namespace) -> int:
     from verger.sparse_diloco.config import DiLoCoConfig
     from verger.sparse_diloco.runner import TrainSpec, distributed_main, train_run
 
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and _cuda()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     task_options = dict(
         size=args.size, seq_len=args.seq_len, batch_size=args.batch_size, device=device
     )
@@ -62,8 +66,11 @@ def _train(args: argparse.Namespace) -> int:
         result = train_run(spec, progress=lambda r, f: print(f"round {r}: {f}", flush=True))
         main_rank = True
     if main_rank:
-        summary = {"final_val_loss": result["history"][-1]["val_loss"] if result["history"] else None,
-                   "bytes_sent": result["bytes_sent"], "resumed_from": result["resumed_from"]}
+        summary = {
+            "final_val_loss": result["history"][-1]["val_loss"] if result["history"] else None,
+            "bytes_sent": result["bytes_sent"],
+            "resumed_from": result["resumed_from"],
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / "metrics.json", json.dumps(summary, indent=2))
         print(json.dumps(summary))
@@ -77,12 +84,18 @@ def _cuda() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="verger-sparse-diloco", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="verger-sparse-diloco", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("demo", "bench"):
-        add_cli_args(sub.add_parser(name, help=f"run the {name}"), default_out=f"build/{name}/sparse-diloco")
-    train = add_cli_args(sub.add_parser("train", help="train a LM with DiLoCo / partial updates"),
-                         default_out="build/train/sparse-diloco")
+        add_cli_args(
+            sub.add_parser(name, help=f"run the {name}"), default_out=f"build/{name}/sparse-diloco"
+        )
+    train = add_cli_args(
+        sub.add_parser("train", help="train a LM with DiLoCo / partial updates"),
+        default_out="build/train/sparse-diloco",
+    )
     train.add_argument("--size", default="tiny", help="tiny | small | 125m | 1.3b")
     train.add_argument("--plan", default="mlp", choices=["full", "mlp"], help="full = DiLoCo")
     train.add_argument("--num-slices", type=int, default=None, help="k of '1/k MLP' (default W)")

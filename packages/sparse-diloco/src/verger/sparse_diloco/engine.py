@@ -12,7 +12,7 @@ outer step: g[i] = (1/m[i]) sum_{k trains i} delta_k[i], then SGD(nesterov) on t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,11 +94,12 @@ class DiLoCo:
             nesterov=config.nesterov,
         )
         self.fragments = plan.fragments(config.num_fragments)
-        self.workers = {k: self._make_worker(k) for k in self.transport.local_workers()}
+        self.workers = {k: self.make_worker(k) for k in self.transport.local_workers()}
         self.syncs = 0  # fragment syncs done (= outer steps when num_fragments == 1)
         self.bytes_sent = 0  # payload bytes put on the wire by all workers together
 
-    def _make_worker(self, k: int) -> Worker:
+    def make_worker(self, k: int) -> Worker:
+        """A fresh worker ``k`` (local model from the current anchor, new AdamW state)."""
         local = build_worker_model(self.model, self.plan, k)
         c = self.config
         opt = torch.optim.AdamW(
@@ -213,10 +214,6 @@ class DiLoCo:
     def rounds_done(self) -> int:
         return self.syncs // self.config.num_fragments
 
-    @property
-    def tokens_per_round_hint(self) -> int:
-        return self.config.inner_steps * self.config.num_workers
-
     # ---- state ----------------------------------------------------------------------------
     def global_state_dict(self) -> dict[str, Any]:
         """Anchor parameters, outer momentum and counters (identical on every process)."""
@@ -271,7 +268,3 @@ def inner_state_numel(worker: Worker) -> dict[str, int]:
         if isinstance(t, torch.Tensor) and t.dim() > 0
     )
     return {"trainable": trainable, "optimizer_state": state}
-
-
-def global_model_names(model: nn.Module) -> Iterable[str]:
-    return (n for n, _ in model.named_parameters())

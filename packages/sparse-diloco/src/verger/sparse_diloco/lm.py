@@ -58,7 +58,11 @@ class LMData:
 
 
 def load_lm_data(
-    *, seq_len: int, batch_size: int, seed: int = 0, domains: tuple[str, ...] = ("code", "docs"),
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    domains: tuple[str, ...] = ("code", "docs"),
     max_bytes_per_domain: int = 2_000_000,
 ) -> LMData:
     """Byte-tokenized embedded corpus (CPython sources and docs by default), packed."""

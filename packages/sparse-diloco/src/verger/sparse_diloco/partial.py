@@ -33,22 +33,23 @@ class _SlicedLinearFn(torch.autograd.Function):
         stop: int,
     ) -> torch.Tensor:
         del trainable  # a view of ``weight``: its values are already in the product below
-        ctx.save_for_backward(x, weight)
+        # A column slice needs only the matching input features for its weight gradient:
+        # keeping just those lets the rest of the (hidden-sized) input be freed.
+        saved = x if dim == 0 else x[..., start:stop].contiguous()
+        ctx.save_for_backward(saved, weight)
         ctx.slice = (dim, start, stop)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
         dim, start, stop = ctx.slice
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        if dim == 0:  # rows = output features
-            grad_w = g2[:, start:stop].t() @ x2
-        else:  # columns = input features
-            grad_w = g2.t() @ x2[:, start:stop]
+        x2 = saved.reshape(-1, saved.shape[-1])
+        # rows = output features; columns = input features (only those were saved)
+        grad_w = (g2[:, start:stop] if dim == 0 else g2).t() @ x2
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_w, None, grad_b, None, None, None
 
@@ -75,7 +76,9 @@ class PartialLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.selection
-        return _SlicedLinearFn.apply(x, self.trainable, self.weight, self.bias, s.dim, s.start, s.stop)
+        return _SlicedLinearFn.apply(
+            x, self.trainable, self.weight, self.bias, s.dim, s.start, s.stop
+        )
 
     def extra_repr(self) -> str:
         s = self.selection

@@ -55,8 +55,7 @@ def reference_diloco(
     steps = [0] * W
     momentum = {n: torch.zeros_like(p) for n, p in anchor.items()}
     interval = H // len(fragments)
-    sync_index = 0
-    for _ in range(rounds * len(fragments)):
+    for sync_index in range(rounds * len(fragments)):
         for k in range(W):
             params = dict(locals_[k].named_parameters())
             for _ in range(interval):
@@ -68,7 +67,9 @@ def reference_diloco(
                     for n, p in params.items():
                         p.grad.mul_(masks[k][n])
                     if config.grad_clip is not None:
-                        norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params.values()))
+                        norm = torch.sqrt(
+                            sum((p.grad.double() ** 2).sum() for p in params.values())
+                        )
                         scale = min(1.0, config.grad_clip / (float(norm) + 1e-6))
                         for p in params.values():
                             p.grad.mul_(scale)
@@ -79,7 +80,6 @@ def reference_diloco(
                         p.copy_(torch.where(masks[k][n], p, anchor[n]))
                 steps[k] += 1
         group_names = fragments[sync_index % len(fragments)]
-        sync_index += 1
         with torch.no_grad():
             for n in group_names:
                 delta = sum(

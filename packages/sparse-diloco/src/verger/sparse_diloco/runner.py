@@ -128,8 +128,10 @@ def train_run(
     history: list[dict[str, float]] = []
     tokens_per_round = spec.config.inner_steps * spec.config.num_workers * task.tokens_per_step
     while engine.rounds_done < spec.rounds:
-        if spec.crash is not None and spec.crash[1] == engine.rounds_done and (
-            spec.crash[0] in engine.workers
+        if (
+            spec.crash is not None
+            and spec.crash[1] == engine.rounds_done
+            and (spec.crash[0] in engine.workers)
         ):
             os._exit(17)  # a hard crash: no exception, no cleanup, like a lost node
         figures = engine.round()

@@ -302,7 +302,9 @@ def _find_mlps(
     return found
 
 
-def iter_selected(plan: SubsetPlan, worker: int, names: Iterable[str]) -> Iterable[tuple[str, Selection]]:
+def iter_selected(
+    plan: SubsetPlan, worker: int, names: Iterable[str]
+) -> Iterable[tuple[str, Selection]]:
     """(name, selection) for the tensors of ``names`` that ``worker`` trains, in order."""
     for name in names:
         sel = plan.selection(worker, name)

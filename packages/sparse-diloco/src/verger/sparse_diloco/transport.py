@@ -28,7 +28,9 @@ class Transport(Protocol):
         """The workers whose inner training happens in this process."""
         ...
 
-    def exchange(self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    def exchange(
+        self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]
+    ) -> list[torch.Tensor]:
         """Every worker's payload, in worker order; ``sizes[k]`` is worker k's byte count."""
         ...
 
@@ -42,7 +44,9 @@ class LocalTransport:
     def local_workers(self) -> list[int]:
         return list(range(self.num_workers))
 
-    def exchange(self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    def exchange(
+        self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]
+    ) -> list[torch.Tensor]:
         missing = [k for k in range(self.num_workers) if k not in payloads]
         if missing:
             raise ValueError(f"LocalTransport needs every worker's payload; missing {missing}")
@@ -56,20 +60,26 @@ class ProcessGroupTransport:
     holding the same shard in every island; ``worker`` is this rank's island index.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, worker: int | None = None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, worker: int | None = None
+    ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ProcessGroupTransport needs torch.distributed to be initialized")
         self.group = group
         self.num_workers = dist.get_world_size(group)
         self.worker = dist.get_rank(group) if worker is None else worker
-        self.device = torch.device("cuda", torch.cuda.current_device()) if (
-            dist.get_backend(group) == "nccl"
-        ) else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if (dist.get_backend(group) == "nccl")
+            else torch.device("cpu")
+        )
 
     def local_workers(self) -> list[int]:
         return [self.worker]
 
-    def exchange(self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    def exchange(
+        self, payloads: Mapping[int, torch.Tensor], sizes: Sequence[int]
+    ) -> list[torch.Tensor]:
         if set(payloads) != {self.worker}:
             raise ValueError(f"rank of worker {self.worker} got payloads for {sorted(payloads)}")
         longest = max(sizes)

@@ -58,11 +58,12 @@ def _validation_losses(
 ) -> dict[str, float]:
     from verger.core.data import validation_batches
 
+    device = next(model.parameters()).device
     model.eval()
     out = {}
     for domain, ds in val.items():
         losses = [
-            float(model(x, y).loss)
+            float(model(x.to(device), y.to(device)).loss)
             for x, y in validation_batches(ds, batch, max_batches=max_batches)
         ]
         out[domain] = sum(losses) / len(losses)

@@ -39,6 +39,7 @@ from verger.core.kernels import (
     swiglu_reference,
 )
 from verger.core.nn import TransformerConfig, TransformerLM
+from verger.core.testing import limit_torch_threads
 from verger.core.train.progress import progress
 
 CE_VOCAB = 50257
@@ -177,25 +178,12 @@ def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str,
     return out
 
 
-def run(
-    report: Report, *, quick: bool, device: torch.device | str | None = None
-) -> dict[str, float]:
-    """Run every measurement, add metrics, tables and plots to ``report``; returns the metrics.
-
-    ``quick`` (under 2 minutes on 2 CPU cores) uses a smaller batch, fewer tokens and repeats.
-    """
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    repeats = 3 if quick else 7
-    stages = ["train step", "cross-entropy", "ops"]
+def _measure_all(dev: torch.device, *, quick: bool, repeats: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    for stage in progress(stages, desc="verger.core models bench"):
+    for stage in progress(["train step", "cross-entropy", "ops"], desc="models bench"):
         if stage == "train step":
             metrics |= measure_train_step(
-                batch=1 if quick else 8,
+                batch=2 if quick else 8,
                 seq_len=128 if quick else 256,
                 repeats=repeats,
                 device=dev,
@@ -206,7 +194,27 @@ def run(
             )
         else:
             metrics |= measure_ops(device=dev, quick=quick, repeats=repeats)
-    metrics["torch_num_threads"] = torch.get_num_threads()
+    return metrics
+
+
+def run(
+    report: Report, *, quick: bool, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Run every measurement, add metrics, tables and plots to ``report``; returns the metrics.
+
+    ``quick`` (under 2 minutes on 2 CPU cores) uses a smaller batch, fewer tokens and
+    repeats, and on CPU a single intra-op thread: on a loaded shared machine two threads per
+    process thrash and the timings swing by 10x from run to run.
+    """
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    threads = 1 if quick and dev.type == "cpu" else torch.get_num_threads()
+    with limit_torch_threads(threads):
+        metrics = _measure_all(dev, quick=quick, repeats=3 if quick else 7)
+    metrics["torch_num_threads"] = threads
     report.metrics_from(metrics)
     report.text(
         "### Transformer LM and fused kernels\n\n"
@@ -220,10 +228,6 @@ def run(
             else "No GPU: the CPU dispatch "
             "paths were measured; the Triton `*_speedup_vs_compile` figures need CUDA."
         )
-    )
-    report.table(
-        "Models and kernels",
-        [{"metric": k, "value": v} for k, v in metrics.items()],
     )
     fig, ax = new_figure(width=10.0, height=3.5)
     ax.remove()

@@ -36,7 +36,7 @@ from verger.core.data.packing import (
     validation_batches,
 )
 from verger.core.data.sources import DEFAULT_DOMAINS, SOURCES, data_dir, fetch_pypi_file
-from verger.core.data.tokenizers import (
+from verger.core.data.tokenization import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from verger.core.data.corpus import Corpus
-from verger.core.data.tokenizers import Tokenizer
+from verger.core.data.tokenization import Tokenizer
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:

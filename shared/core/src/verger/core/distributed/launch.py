@@ -39,14 +39,19 @@ class _FnRef:
     file: str | None
 
     def resolve(self) -> Callable[..., Any]:
-        try:
-            obj: Any = importlib.import_module(self.module)
-        except ImportError:
+        obj: Any = None
+        if self.module != "__main__":  # a script's functions are reloaded from its file
+            try:
+                obj = importlib.import_module(self.module)
+            except ImportError:
+                if self.file is None:
+                    raise
+        if obj is None:
             if self.file is None:
-                raise
+                raise ImportError(f"cannot locate {self.qualname} from module {self.module}")
             spec = importlib.util.spec_from_file_location(f"_verger_mp_{os.getpid()}", self.file)
             if spec is None or spec.loader is None:
-                raise
+                raise ImportError(f"cannot load {self.file} to find {self.qualname}")
             obj = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = obj
             spec.loader.exec_module(obj)

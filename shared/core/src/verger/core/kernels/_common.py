@@ -105,3 +105,8 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a row-wise kernel with a ``block``-wide tile (more warps for wider rows)."""
+    return 4 if block < 2048 else 8 if block < 8192 else 16

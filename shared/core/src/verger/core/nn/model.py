@@ -101,6 +101,10 @@ class TransformerLM(nn.Module):
         _check_ids("input_ids", input_ids, cfg.vocab_size, allow_ignore=False)
         if cache is not None and not isinstance(cache, LMCache):
             raise TypeError(f"TransformerLM: cache must be an LMCache or None, got {type(cache)}")
+        if cache is not None and len(cache.layers) != len(self.blocks):
+            raise ValueError(
+                f"TransformerLM: cache has {len(cache.layers)} layers, the model {len(self.blocks)}"
+            )
         start = cache.seq_len if cache is not None else 0
         if start + input_ids.shape[1] > cfg.max_seq_len:
             raise ValueError(

@@ -39,14 +39,12 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(self.log_dir / "tb"))
-            except ImportError as exc:
+            except ImportError as exc:  # optional unless asked for: JSONL is the contract
                 if tensorboard:
                     raise ImportError(
                         "tensorboard=True but the tensorboard package is not installed: "
                         "pip install tensorboard"
                     ) from exc
-                if tensorboard is None:
-                    pass  # optional: JSONL alone is the contract
 
     @property
     def has_tensorboard(self) -> bool:

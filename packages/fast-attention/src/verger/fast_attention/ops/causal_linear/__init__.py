@@ -102,7 +102,9 @@ def causal_product(
     return _CausalProduct.apply(q, k, v, resolved, size)
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None) -> None:
+def _check_shapes(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None
+) -> None:
     if q.shape[:-1] != k.shape[:-1] or q.shape[-1] != k.shape[-1] or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"expected q, k of shape (..., N, Dk) and v of shape (..., N, Dv); "

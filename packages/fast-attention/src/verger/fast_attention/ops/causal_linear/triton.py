@@ -49,14 +49,14 @@ if HAS_TRITON:
         offs_v = pid_v * BV + tl.arange(0, BV)
         mask_k = offs_k < dk
         mask_v = offs_v < dv
-        if REVERSE:
+        if REVERSE:  # noqa: SIM108 (constexpr branches)
             keep = offs_t[:, None] <= offs_t[None, :]
         else:
             keep = offs_t[:, None] >= offs_t[None, :]
         state = tl.zeros((BK, BV), dtype=tl.float32)
         n_chunks = tl.cdiv(n, BT)
         for step in range(0, n_chunks):
-            if REVERSE:
+            if REVERSE:  # noqa: SIM108 (constexpr branches)
                 chunk = n_chunks - 1 - step
             else:
                 chunk = step

@@ -108,7 +108,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if eager:
             dx, dw, scale = ctx.saved_tensors
             factor = grad_out.float() * scale
-            dx = None if dx is None else dx * factor.to(dx.dtype)
+            dx = None if dx is None else (dx.float() * factor).to(dx.dtype)
             dw = None if dw is None else (dw * factor).to(w_dtype)
             return dx, dw, None, None, None, None, None
         x, weight, targets = ctx.saved_tensors
@@ -143,7 +143,9 @@ def linear_cross_entropy(
     (int64/int32, values in ``[0, V)`` or ``ignore_index``). ``reduction``: ``"mean"`` over
     non-ignored tokens, ``"sum"``, or ``"none"`` (fp32 losses shaped like ``targets``).
     ``chunk_size`` rows are processed at a time (default :func:`auto_chunk_size`). Logits
-    and softmax are fp32 whatever the input dtype. Differentiable in ``x`` and ``weight``.
+    and softmax are fp32 whatever the input dtype. Differentiable in ``x`` and ``weight``;
+    ``targets`` may be a strided view. With a scalar loss the gradients are computed during
+    the forward pass, so evaluate under ``torch.no_grad()`` to skip that work.
     """
     check_tensor(x, "x", op=_OP, min_ndim=1)
     check_tensor(weight, "weight", op=_OP, ndim=2)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from verger.core.kernels._common import next_power_of_2
+from verger.core.kernels._common import next_power_of_2, num_warps_for
 
 
 @triton.jit
@@ -52,8 +52,9 @@ def ce_loss_grad_(
     c, v = logits.shape
     loss = torch.empty(c, device=logits.device, dtype=torch.float32)
     if c:
+        block = min(next_power_of_2(v), 4096)
         _ce_loss_grad_kernel[(c,)](
             logits, targets, loss, v, ignore_index,
-            COMPUTE_GRAD=compute_grad, BLOCK_V=min(next_power_of_2(v), 4096),
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=num_warps_for(block),
         )  # fmt: skip
     return loss

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 
 from verger.core.kernels._common import (
     Backend,
@@ -38,12 +37,26 @@ class _RMSNormTriton(torch.autograd.Function):
         return dx.view(dy.shape), dw.to(weight.dtype), None
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # torch's own fused rms_norm is the fastest CPU path; it runs in x's dtype, so low
-    # precision inputs are upcast first to match the fp32 specification.
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+class _RMSNormTorch(torch.autograd.Function):
+    """CPU path: a closed-form backward from the saved 1/rms, measured faster on CPU than
+    both ``F.rms_norm`` and autograd through the reference (fewer elementwise passes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # type: ignore[override]
+        xf, wf = x.float(), weight.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * wf).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        dyf = dy.float()
+        g = dyf * weight.float()
+        dx = (g - xhat * (g * xhat).mean(dim=-1, keepdim=True)) * rstd
+        dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 def rms_norm(
@@ -66,4 +79,4 @@ def rms_norm(
         raise ValueError(f"{_OP}: eps={eps!r} must be a positive float")
     if resolve_backend(backend, x, op=_OP) == "triton":
         return _RMSNormTriton.apply(x, weight, float(eps))
-    return _rms_norm_torch(x, weight, float(eps))
+    return _RMSNormTorch.apply(x, weight, float(eps))

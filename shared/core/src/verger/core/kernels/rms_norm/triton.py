@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from verger.core.kernels._common import next_power_of_2
+from verger.core.kernels._common import next_power_of_2, num_warps_for
 
 
 @triton.jit
@@ -54,7 +54,10 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty_like(x2d)
     rstd = torch.empty(m, device=x2d.device, dtype=torch.float32)
     if m:
-        _rms_norm_fwd_kernel[(m,)](x2d, weight, y, rstd, n, eps, BLOCK_N=next_power_of_2(n))
+        block = next_power_of_2(n)
+        _rms_norm_fwd_kernel[(m,)](
+            x2d, weight, y, rstd, n, eps, BLOCK_N=block, num_warps=num_warps_for(block)
+        )
     return y, rstd
 
 
@@ -73,6 +76,6 @@ def rms_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd
     if m:
         _rms_norm_bwd_kernel[(programs,)](
             dy, x2d, weight, rstd, dx, partial, m, n, rows_per_program,
-            BLOCK_N=next_power_of_2(n),
+            BLOCK_N=next_power_of_2(n), num_warps=num_warps_for(next_power_of_2(n)),
         )  # fmt: skip
     return dx, partial.sum(0)
