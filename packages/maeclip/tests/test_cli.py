@@ -9,7 +9,16 @@ from PIL import Image
 
 from verger.maeclip.__main__ import main
 
-MICRO = ["--model", "maeclip-micro", "--decoder-width", "32", "--batch-size", "32", "--data", "mnist"]
+MICRO = [
+    "--model",
+    "maeclip-micro",
+    "--decoder-width",
+    "32",
+    "--batch-size",
+    "32",
+    "--data",
+    "mnist",
+]
 
 BENCH_KEYS = {
     "zero_shot_acc_clip",
@@ -26,7 +35,7 @@ BENCH_KEYS = {
 def test_bench_writes_the_contract_keys(tmp_path):
     main(["bench", "--quick", "--steps", "3", "--skip-gpu-vit", "--out", str(tmp_path), *MICRO])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert BENCH_KEYS <= set(metrics)
+    assert set(metrics) >= BENCH_KEYS
     for key in BENCH_KEYS:
         assert np.isfinite(metrics[key]) and metrics[key] > 0, key
     assert 0 <= metrics["zero_shot_acc_clip"] <= 1
@@ -49,11 +58,26 @@ def test_train_command_on_a_csv_folder_checkpoints_and_resumes(tmp_path):
         writer = csv.writer(fh)
         writer.writerow(["filepath", "title"])
         for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / f"{i}.png"
+            )
             writer.writerow([f"{i}.png", f"noise picture {i}"])
     out = tmp_path / "run"
-    args = ["train", "--data", f"csv:{tmp_path / 'pairs.csv'}", "--model", "maeclip-micro",
-            "--batch-size", "4", "--steps", "2", "--checkpoint-every", "1", "--out", str(out)]
+    args = [
+        "train",
+        "--data",
+        f"csv:{tmp_path / 'pairs.csv'}",
+        "--model",
+        "maeclip-micro",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(out),
+    ]
     main(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final_step"] == 2 and np.isfinite(metrics["final_clip_loss"])

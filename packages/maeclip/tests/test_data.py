@@ -126,7 +126,13 @@ def test_webdataset_skips_incomplete_samples_and_refuses_empty_captions(tmp_path
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w") as tar:
-        for name, payload in (("a.png", buf.getvalue()), ("a.txt", b"black"), ("b.json", b"{}"), ("c.png", buf.getvalue()), ("c.txt", b" ")):
+        for name, payload in (
+            ("a.png", buf.getvalue()),
+            ("a.txt", b"black"),
+            ("b.json", b"{}"),
+            ("c.png", buf.getvalue()),
+            ("c.txt", b" "),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))

@@ -47,6 +47,7 @@ def _train_two_ranks() -> dict:
     return {
         "params": torch.cat([p.detach().flatten() for p in result.model.parameters()]),
         "clip": [h["clip_loss"] for h in result.history],
+        "mae": [h["mae_loss"] for h in result.history],
     }
 
 
@@ -71,7 +72,9 @@ def test_two_rank_ddp_equals_one_process_on_the_global_batch(two_ranks, contrast
     for r in results:
         assert r["clip"] == pytest.approx(out.clip_loss.item(), rel=1e-5)
     # MAE: per-rank means over equal patch counts average to the global mean
-    assert (results[0]["mae"] + results[1]["mae"]) / 2 == pytest.approx(out.mae_loss.item(), rel=1e-5)
+    assert (results[0]["mae"] + results[1]["mae"]) / 2 == pytest.approx(
+        out.mae_loss.item(), rel=1e-5
+    )
     # gradients (averaged by DDP) equal the single-process gradients
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -84,3 +87,4 @@ def test_train_under_two_processes_keeps_ranks_in_sync(two_ranks):
     a, b = (r["train"] for r in two_ranks)
     torch.testing.assert_close(a["params"], b["params"], rtol=0, atol=0)
     assert a["clip"] == pytest.approx(b["clip"], rel=1e-6)  # one global contrastive loss
+    assert a["mae"] != b["mae"]  # different images and masks per rank

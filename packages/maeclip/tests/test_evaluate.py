@@ -16,9 +16,7 @@ from verger.maeclip.evaluate import (
 def test_recall_at_k_closed_form():
     assert recall_at_k(torch.eye(4), ks=(1,)) == {1: 1.0}
     # query i's match ranks i-th (0-based) among 4 items: recall@k = k/4
-    sim = torch.tensor(
-        [[4.0, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1]]
-    )
+    sim = torch.tensor([[4.0, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1]])
     assert recall_at_k(sim, ks=(1, 2, 3, 4)) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
     with pytest.raises(ValueError, match="square"):
         recall_at_k(torch.zeros(2, 3))
@@ -44,8 +42,13 @@ def test_linear_probe_reads_labels_from_frozen_features():
     data = ImageTextSet(images=images, captions=["x"] * 240, labels=labels, class_names=["a", "b"])
     acc = linear_probe_accuracy(model, data.subset(range(160)), data.subset(range(160, 240)))
     assert acc > 0.95
-    shuffled = ImageTextSet(images=images, captions=["x"] * 240, labels=labels[torch.randperm(240, generator=g)])
-    assert linear_probe_accuracy(model, shuffled.subset(range(160)), shuffled.subset(range(160, 240))) < 0.75
+    shuffled = ImageTextSet(
+        images=images, captions=["x"] * 240, labels=labels[torch.randperm(240, generator=g)]
+    )
+    assert (
+        linear_probe_accuracy(model, shuffled.subset(range(160)), shuffled.subset(range(160, 240)))
+        < 0.75
+    )
 
 
 def test_zero_shot_classifier_is_normalised_per_class(tokenizer_micro):

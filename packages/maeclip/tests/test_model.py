@@ -48,7 +48,9 @@ def test_masked_encoder_sees_only_kept_patches(tokenizer_micro):
     kept = int(m.ids_keep[0, 0])
     row, col = divmod(kept, 4)
     edited[0, :, row * 4 : row * 4 + 4, col * 4 : col * 4 + 4] += 5.0
-    assert not torch.allclose(model.encode_image(edited, mask_ratio=0.75, noise=noise)[0][0], pooled[0])
+    assert not torch.allclose(
+        model.encode_image(edited, mask_ratio=0.75, noise=noise)[0][0], pooled[0]
+    )
 
 
 def test_mae_loss_counts_masked_patches_only():
@@ -133,7 +135,9 @@ def test_gradients_reach_both_towers_and_the_decoder(tokenizer_micro):
 
 
 @pytest.mark.parametrize("contrastive_input,passes", [("full", 2), ("masked", 1)])
-def test_masked_contrastive_input_shares_the_mae_encoder_pass(tokenizer_micro, contrastive_input, passes):
+def test_masked_contrastive_input_shares_the_mae_encoder_pass(
+    tokenizer_micro, contrastive_input, passes
+):
     model = _model(contrastive_input=contrastive_input)
     calls = []
     model.clip.visual.transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))

@@ -30,7 +30,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mnist_micro):
     resumed = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3, log_every=1), data)
     assert resumed.resumed_from == 3
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert [h["loss"] for h in first.history] == [h["loss"] for h in straight.history]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -40,7 +42,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mnist_micro):
 def test_sampler_batches_cover_the_epoch_and_split_ranks():
     full = list(StepBatchSampler(10, batch_size=4, steps=2, seed=0))
     assert len({i for b in full for i in b}) == 8
-    halves = [list(StepBatchSampler(10, batch_size=4, steps=2, seed=0, rank=r, world=2)) for r in (0, 1)]
+    halves = [
+        list(StepBatchSampler(10, batch_size=4, steps=2, seed=0, rank=r, world=2)) for r in (0, 1)
+    ]
     assert [a + b for a, b in zip(*halves)] == full
     later = list(StepBatchSampler(10, batch_size=4, steps=2, seed=0, start=1))
     assert later == full[1:]

@@ -65,3 +65,19 @@ def test_simulated_resume_is_exact(tmp_path):
     files = sorted(p.name for p in (tmp_path / "round_000004").iterdir())
     assert files == ["global.pt", "worker_0.pt", "worker_1.pt", "worker_2.pt", "worker_3.pt"]
     assert not (tmp_path / "round_000001").exists()  # only the latest `keep` rounds stay
+
+
+def test_two_islands_of_two_ranks_equal_two_simulated_workers():
+    """4 processes = 2 workers x 2 data-parallel ranks; the island averages its gradients."""
+    s = TrainSpec(
+        task="toy",
+        plan="mlp",
+        config=DiLoCoConfig(num_workers=2, inner_steps=4, inner_lr=3e-3),
+        rounds=2,
+    )
+    sim = train_run(s)
+    ranks = run_multiprocess(distributed_main, 4, s)
+    for r in ranks:
+        for n, p in sim["params"].items():
+            assert_close(r["params"][n], p, rtol=1e-5, name=n)  # reduction order differs
+        assert r["bytes_sent"] == sim["bytes_sent"]

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP: on a shared, oversubscribed CPU the default spin-waiting workers
-# make every parallel region cost milliseconds (a 1-token decode step went from 0.1 ms to
-# 60 ms with 2 threads here). Passive waiting applies to both sides of every comparison.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from verger.core.bench import add_cli_args
 
 
+def _passive_openmp() -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
+
+    OpenMP reads the policy when torch loads, before any code here runs, hence the re-exec.
+    On a shared, oversubscribed CPU the default spin-waiting workers make every parallel
+    region cost milliseconds (a 1-token decode step: 60 ms instead of 0.1 ms with 2 threads
+    here); passive waiting applies to both sides of every comparison.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    os.execve(sys.executable, [sys.executable, "-m", "verger.fast_attention", *sys.argv[1:]], env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a test calling main([...]))
+        _passive_openmp()
     parser = argparse.ArgumentParser(prog="verger-fast-attention", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = add_cli_args(

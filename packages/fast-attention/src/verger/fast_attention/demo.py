@@ -75,8 +75,8 @@ def _generation_ms(model: TransformerLM, context: int, tokens: int, vocab: int) 
 def run_demo(args: argparse.Namespace) -> Report:
     quick = bool(args.quick)
     seq_len, batch = (128, 8) if quick else (256, 16)
-    steps = args.steps or (100 if quick else 800)
-    contexts = [128, 512, 2048] if quick else [256, 1024, 4096, 8192]
+    steps = args.steps or (60 if quick else 800)
+    contexts = [128, 1024] if quick else [256, 1024, 4096, 8192]
     torch.set_num_threads(2)
     train, val = _data(quick, seq_len)
     vocab = ByteTokenizer().vocab_size

@@ -162,6 +162,7 @@ class FavorFeatureMap(FeatureMap):
             seed if seed is not None else int(torch.randint(2**62, ()).item())
         )
         self._calls = 0
+        self.projection: torch.Tensor
         self.register_buffer("projection", torch.empty(n_features, head_dim), persistent=True)
         self.redraw()
 

@@ -36,7 +36,7 @@ from verger.maeclip.experiment import (
     variant_config,
 )
 from verger.maeclip.model import MAECLIPConfig
-from verger.maeclip.throughput import THROUGHPUT_VARIANTS, measure_throughput
+from verger.maeclip.throughput import measure_throughput
 from verger.maeclip.towers import CaptionTokenizer, model_config
 from verger.maeclip.train import TrainConfig, train
 
@@ -50,10 +50,14 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrastive-input", choices=("full", "masked"), default="full")
     parser.add_argument("--decoder-width", type=int, default=64)
     parser.add_argument("--decoder-depth", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help=f"default {FULL_STEPS} ({QUICK_STEPS} with --quick)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"default {FULL_STEPS} ({QUICK_STEPS} with --quick)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--data", default=None, help="mnist | emoji (default: emoji if its font is installed)")
+    parser.add_argument(
+        "--data", default=None, help="mnist | emoji (default: emoji if its font is installed)"
+    )
 
 
 def _base_config(args: argparse.Namespace) -> MAECLIPConfig:
@@ -75,8 +79,7 @@ def _train_config(args: argparse.Namespace, **extra: Any) -> TrainConfig:
         lr=args.lr,
         warmup_steps=min(20, steps // 5),
         seed=args.seed,
-        device=args.device,
-        **extra,
+        **({"device": args.device} | extra),
     )
 
 
@@ -85,18 +88,26 @@ def _image_size(model_name: str) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
-def _compare(args: argparse.Namespace, report: Report, methods: Sequence[str]) -> tuple[dict[str, MethodResult], ImageTextSet]:
+def _compare(
+    args: argparse.Namespace, report: Report, methods: Sequence[str]
+) -> tuple[dict[str, MethodResult], ImageTextSet]:
     base = _base_config(args)
     data = args.data or default_data()
-    train_set, test_set = split_embedded(data, image_size=_image_size(base.model_name), test_size=1000, seed=args.seed)
+    train_set, test_set = split_embedded(
+        data, image_size=_image_size(base.model_name), test_size=1000, seed=args.seed
+    )
     cfg = _train_config(args)
-    results = run_comparison(base=base, train_cfg=cfg, train_set=train_set, test_set=test_set, methods=methods)
+    results = run_comparison(
+        base=base, train_cfg=cfg, train_set=train_set, test_set=test_set, methods=methods
+    )
     for name, r in results.items():
         for key, value in r.metrics.items():
             report.metric(f"{key}_{name}", float(value))
     for metric in ("zero_shot_acc", "linear_probe_acc"):
         if f"{metric}_maeclip" in report.metrics and f"{metric}_clip" in report.metrics:
-            gain = float(report.metrics[f"{metric}_maeclip"]) - float(report.metrics[f"{metric}_clip"])
+            gain = float(report.metrics[f"{metric}_maeclip"]) - float(
+                report.metrics[f"{metric}_clip"]
+            )
             report.metric(f"{metric}_gain_maeclip_vs_clip", gain)
     report.metric("steps", cfg.steps)
     report.metric("batch_size", cfg.batch_size)
@@ -125,7 +136,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     report = Report(args.out, title="verger-maeclip demo: does MAE help CLIP at small scale?")
     results, test_set = _compare(args, report, ("clip", "mae", "maeclip"))
     queries = _queries(test_set)
-    report.plot("retrieval_grid", retrieval_grid_figure(results, test_set.subset(range(min(500, len(test_set)))), queries))
+    report.plot(
+        "retrieval_grid",
+        retrieval_grid_figure(results, test_set.subset(range(min(500, len(test_set)))), queries),
+    )
     print(report.write() / "report.md")
 
 
@@ -137,20 +151,43 @@ def _queries(test_set: ImageTextSet) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     report = Report(args.out, title="verger-maeclip bench")
-    methods = ("clip", "mae", "maeclip") if args.quick else ("clip", "mae", "maeclip", "maeclip_masked")
+    methods = (
+        ("clip", "mae", "maeclip") if args.quick else ("clip", "mae", "maeclip", "maeclip_masked")
+    )
     _compare(args, report, methods)
     device = resolve_device(args.device)
     base = _base_config(args)
-    tp = measure_throughput(base, batch_size=args.batch_size, device=device, repeats=3 if args.quick else 8)
-    _throughput_section(report, tp, prefix="", title=f"training-step throughput, {base.model_name}, batch {args.batch_size}, {device.type}")
+    tp = measure_throughput(
+        base, batch_size=args.batch_size, device=device, repeats=3 if args.quick else 8
+    )
+    _throughput_section(
+        report,
+        tp,
+        prefix="",
+        title=f"training-step throughput, {base.model_name}, batch {args.batch_size}, {device.type}",
+    )
     if torch.cuda.is_available() and not args.skip_gpu_vit:
         big = MAECLIPConfig(model_name="ViT-B-16", decoder_width=512, decoder_depth=8)
-        tp = measure_throughput(big, batch_size=64, device=torch.device("cuda"), amp=True, repeats=5, variants=("clip", "maeclip", "maeclip_masked", "flip"))
-        _throughput_section(report, tp, prefix="gpu_vitb16_", title="ViT-B/16 on GPU, batch 64, bf16 autocast, decoder 512x8")
+        tp = measure_throughput(
+            big,
+            batch_size=64,
+            device=torch.device("cuda"),
+            amp=True,
+            repeats=5,
+            variants=("clip", "maeclip", "maeclip_masked", "flip"),
+        )
+        _throughput_section(
+            report,
+            tp,
+            prefix="gpu_vitb16_",
+            title="ViT-B/16 on GPU, batch 64, bf16 autocast, decoder 512x8",
+        )
     print(report.write() / "report.md")
 
 
-def _throughput_section(report: Report, tp: dict[str, dict[str, float]], *, prefix: str, title: str) -> None:
+def _throughput_section(
+    report: Report, tp: dict[str, dict[str, float]], *, prefix: str, title: str
+) -> None:
     clip = tp["clip"]["images_per_s"]
     rows = []
     for name, figures in tp.items():
@@ -158,7 +195,9 @@ def _throughput_section(report: Report, tp: dict[str, dict[str, float]], *, pref
         if "peak_memory_mb" in figures:
             report.metric(f"{prefix}peak_memory_mb_{name}", figures["peak_memory_mb"])
         if name != "clip":
-            report.metric(f"{prefix}throughput_ratio_{name}_vs_clip", figures["images_per_s"] / clip)
+            report.metric(
+                f"{prefix}throughput_ratio_{name}_vs_clip", figures["images_per_s"] / clip
+            )
         rows.append({"variant": name, **figures, "vs clip": figures["images_per_s"] / clip})
     report.table(title, rows)
     fig, ax = new_figure(width=6, height=3.2)
@@ -170,7 +209,9 @@ def _throughput_section(report: Report, tp: dict[str, dict[str, float]], *, pref
 
 def _load_data(spec: str, image_size: int, seed: int) -> Any:
     if spec.startswith("csv:"):
-        return CsvImageText(spec[4:], image_size=image_size, sep="\t" if spec.endswith(".tsv") else ",")
+        return CsvImageText(
+            spec[4:], image_size=image_size, sep="\t" if spec.endswith(".tsv") else ","
+        )
     if spec.startswith("wds:"):
         shards = sorted(glob.glob(spec[4:]))
         return WebDatasetShards(shards, image_size=image_size, shuffle=True, seed=seed)
@@ -184,7 +225,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     base = variant_config(_base_config(args), args.method)
     data = _load_data(args.data or default_data(), _image_size(base.model_name), args.seed)
     train_set, test_set = data if isinstance(data, tuple) else (data, None)
-    cfg = _train_config(args, out_dir=args.out, checkpoint_every=args.checkpoint_every, device=str(info.device) if info.world_size > 1 else args.device)
+    cfg = _train_config(
+        args,
+        out_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        device=str(info.device) if info.world_size > 1 else args.device,
+    )
     result = train(base, cfg, train_set, resume=not args.no_resume)
     if info.rank == 0:
         report = Report(args.out, title=f"verger-maeclip train: {args.method}")
@@ -194,7 +240,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             report.metric(f"final_{key}", float(value))
         if test_set is not None:
             tok = CaptionTokenizer(result.model.clip.context_length)
-            for key, value in evaluate_method(result.model, tok, train_set, test_set, contrastive=base.clip_weight > 0).items():
+            for key, value in evaluate_method(
+                result.model, tok, train_set, test_set, contrastive=base.clip_weight > 0
+            ).items():
                 report.metric(key, value)
         print(report.write() / "report.md")
 
@@ -211,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = add_cli_args(sub.add_parser(name, help=helptext), default_out=f"build/{name}/maeclip")
         _model_args(p)
         if name == "compare":
-            p.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=["clip", "mae", "maeclip"])
+            p.add_argument(
+                "--methods", nargs="+", choices=list(VARIANTS), default=["clip", "mae", "maeclip"]
+            )
         if name == "bench":
             p.add_argument("--skip-gpu-vit", action="store_true", help="no ViT-B/16 GPU section")
         if name == "train":

@@ -157,7 +157,9 @@ def _emoji_names(limit: int | None) -> dict[str, str]:
     try:
         import emoji
     except ImportError as exc:
-        raise ImportError("emoji names need the 'emoji' package: pip install verger-maeclip[emoji]") from exc
+        raise ImportError(
+            "emoji names need the 'emoji' package: pip install verger-maeclip[emoji]"
+        ) from exc
     names = {}
     for char, data in emoji.EMOJI_DATA.items():
         if len(char) == 1 and data.get("status", 2) == emoji.STATUS["fully_qualified"]:
@@ -195,9 +197,13 @@ def emoji_pairs(
     images, captions = [], []
     for i, (char, name) in enumerate(names.items()):
         canvas = Image.new("RGB", (136, 136), "white")
-        ImageDraw.Draw(canvas).text((68, 68), char, font=font, anchor="mm", embedded_color=True, fill="black")
+        ImageDraw.Draw(canvas).text(
+            (68, 68), char, font=font, anchor="mm", embedded_color=True, fill="black"
+        )
         canvas = canvas.resize((image_size, image_size), Image.Resampling.LANCZOS)
-        images.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        images.append(
+            torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        )
         captions.append(templates[i % len(templates)].format(name))
     return ImageTextSet(images=normalize_images(torch.stack(images)), captions=captions)
 
@@ -359,12 +365,16 @@ class ImageTextCollate:
     def __init__(self, tokenizer: CaptionTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, batch: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, batch: Sequence[tuple[torch.Tensor, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, captions = zip(*batch)
         return torch.stack(list(images)), self.tokenizer(list(captions))
 
 
-def train_test_split(pairs: ImageTextSet, *, test_size: int, seed: int = 0) -> tuple[ImageTextSet, ImageTextSet]:
+def train_test_split(
+    pairs: ImageTextSet, *, test_size: int, seed: int = 0
+) -> tuple[ImageTextSet, ImageTextSet]:
     """A seeded random split into (train, test)."""
     if not 0 < test_size < len(pairs):
         raise ValueError(f"test_size={test_size!r} must be in (0, {len(pairs)})")

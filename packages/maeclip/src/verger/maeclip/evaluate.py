@@ -17,7 +17,9 @@ def _batches(n: int, batch_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def image_embeddings(model: MAECLIP, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def image_embeddings(
+    model: MAECLIP, images: torch.Tensor, *, batch_size: int = 256
+) -> torch.Tensor:
     """L2-normalised projected image features of the full images [N, E]."""
     model.eval()
     device = next(model.parameters()).device
@@ -123,7 +125,9 @@ def linear_probe_accuracy(
     x_test = probe_features(model, test.images).double()
     mean, std = x_train.mean(dim=0), x_train.std(dim=0).clamp_min(1e-6)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    w, b = fit_logistic_regression((x_train - mean) / std, train.labels, num_classes=num_classes, l2=l2)
+    w, b = fit_logistic_regression(
+        (x_train - mean) / std, train.labels, num_classes=num_classes, l2=l2
+    )
     pred = (((x_test - mean) / std) @ w + b).argmax(dim=1)
     return float((pred == test.labels).double().mean())
 

@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from verger.maeclip.data import ImageTextSet, denormalize_images, emoji_pairs, find_emoji_font, mnist_pairs, train_test_split
+from verger.maeclip.data import (
+    ImageTextSet,
+    denormalize_images,
+    emoji_pairs,
+    find_emoji_font,
+    mnist_pairs,
+    train_test_split,
+)
 from verger.maeclip.evaluate import (
     image_embeddings,
     linear_probe_accuracy,
@@ -121,9 +128,18 @@ def run_comparison(
 
 def comparison_rows(results: dict[str, MethodResult]) -> list[dict[str, Any]]:
     """One table row per method (missing figures shown as '-')."""
-    columns = ["zero_shot_acc", "linear_probe_acc", "i2t_r1", "t2i_r1", "final_clip_loss", "final_mae_loss", "images_per_s"]
+    columns = [
+        "zero_shot_acc",
+        "linear_probe_acc",
+        "i2t_r1",
+        "t2i_r1",
+        "final_clip_loss",
+        "final_mae_loss",
+        "images_per_s",
+    ]
     return [
-        {"method": name, **{c: r.metrics.get(c, "-") for c in columns}} for name, r in results.items()
+        {"method": name, **{c: r.metrics.get(c, "-") for c in columns}}
+        for name, r in results.items()
     ]
 
 
@@ -135,7 +151,9 @@ def loss_curves_figure(results: dict[str, MethodResult]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in zip(axes, ("clip_loss", "mae_loss"), ("contrastive loss", "MAE loss (masked patches)")):
+    for ax, key, title in zip(
+        axes, ("clip_loss", "mae_loss"), ("contrastive loss", "MAE loss (masked patches)")
+    ):
         for name, r in results.items():
             points = [(h["step"], h[key]) for h in r.history if key in h]
             if points:
@@ -163,17 +181,23 @@ def retrieval_grid_figure(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    models = {n: r.model for n, r in results.items() if r.model is not None and "i2t_r1" in r.metrics}
+    models = {
+        n: r.model for n, r in results.items() if r.model is not None and "i2t_r1" in r.metrics
+    }
     if not models:
         raise ValueError("no contrastive model to show retrieval for")
     rows = [(n, q) for n in models for q in queries]
-    fig, axes = plt.subplots(len(rows), top_k, figsize=(1.3 * top_k + 2.5, 1.35 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), top_k, figsize=(1.3 * top_k + 2.5, 1.35 * len(rows)), squeeze=False
+    )
     pictures = denormalize_images(test_set.images)
     for row, (name, query) in enumerate(rows):
         model = models[name]
         assert model is not None
         tokenizer = CaptionTokenizer(model.clip.context_length)
-        scores = image_embeddings(model, test_set.images) @ text_embeddings(model, tokenizer, [query])[0]
+        scores = (
+            image_embeddings(model, test_set.images) @ text_embeddings(model, tokenizer, [query])[0]
+        )
         best = scores.topk(top_k).indices
         for col, idx in enumerate(best.tolist()):
             ax = axes[row, col]
@@ -181,13 +205,15 @@ def retrieval_grid_figure(
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(f"{name}\n\"{query}\"", rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("text -> image retrieval on held-out images (top %d)" % top_k)
+                ax.set_ylabel(f'{name}\n"{query}"', rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"text -> image retrieval on held-out images (top {top_k})")
     fig.tight_layout()
     return fig
 
 
-def split_embedded(name: str, *, image_size: int, test_size: int, seed: int = 0) -> tuple[ImageTextSet, ImageTextSet]:
+def split_embedded(
+    name: str, *, image_size: int, test_size: int, seed: int = 0
+) -> tuple[ImageTextSet, ImageTextSet]:
     """The embedded set ``name`` split into (train, test)."""
     data = load_embedded(name, image_size=image_size, seed=seed)
     return train_test_split(data, test_size=min(test_size, len(data) // 4), seed=seed)

@@ -73,7 +73,9 @@ class MAECLIPConfig:
         if self.contrastive_mask_ratio is not None:
             check_mask_ratio(self.contrastive_mask_ratio, name="contrastive_mask_ratio")
         if self.decoder_width <= 0 or self.decoder_width % 4:
-            raise ValueError(f"decoder_width={self.decoder_width!r} must be a positive multiple of 4")
+            raise ValueError(
+                f"decoder_width={self.decoder_width!r} must be a positive multiple of 4"
+            )
         if self.decoder_depth < 1:
             raise ValueError(f"decoder_depth={self.decoder_depth!r} must be >= 1")
         if self.decoder_head_width <= 0 or self.decoder_width % self.decoder_head_width:
@@ -94,7 +96,9 @@ class MAECLIPConfig:
         """The fraction of patches the contrastive branch drops (0 for the full image)."""
         if self.contrastive_input == "full":
             return 0.0
-        return self.mask_ratio if self.contrastive_mask_ratio is None else self.contrastive_mask_ratio
+        return (
+            self.mask_ratio if self.contrastive_mask_ratio is None else self.contrastive_mask_ratio
+        )
 
     def for_method(self, method: str) -> MAECLIPConfig:
         """A copy set up as plain CLIP, plain MAE, or MAE+CLIP (weights 1 where active)."""
@@ -140,7 +144,8 @@ class MAEDecoder(nn.Module):
         b, k, w = x.shape
         n = ids_restore.shape[1]
         x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, n - k, w)], dim=1)
-        x = gather_tokens(x, ids_restore) + self.pos.to(x.dtype)
+        pos: torch.Tensor = self.pos  # type: ignore[assignment]
+        x = gather_tokens(x, ids_restore) + pos.to(x.dtype)
         return self.head(self.norm(self.transformer(x)))
 
 
@@ -235,7 +240,9 @@ class MAECLIP(nn.Module):
         x = x + pos[1:]
         masking = None
         if mask_ratio > 0:
-            masking = random_masking(x.shape[0], x.shape[1], mask_ratio, device=x.device, noise=noise)
+            masking = random_masking(
+                x.shape[0], x.shape[1], mask_ratio, device=x.device, noise=noise
+            )
             x = gather_tokens(x, masking.ids_keep)
         cls = (v.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1))
@@ -250,10 +257,14 @@ class MAECLIP(nn.Module):
     def encode_text(self, texts: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
         """open_clip's text tower on token ids [B, L]."""
         if texts.ndim != 2 or texts.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"texts must be integer token ids [B, L], got {texts.dtype} {tuple(texts.shape)}")
+            raise ValueError(
+                f"texts must be integer token ids [B, L], got {texts.dtype} {tuple(texts.shape)}"
+            )
         return self.clip.encode_text(texts, normalize=normalize)
 
-    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(
+        self, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
         """open_clip ``ClipLoss`` on normalised features; gathers across ranks when distributed."""
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -288,7 +299,9 @@ class MAECLIP(nn.Module):
             assert masking is not None
             pred = self.decoder(tokens, masking.ids_restore)
             mask = masking.mask
-            mae_l = mae_loss(pred, patchify(images, self.patch_size), mask, norm_pix=cfg.norm_pix_loss)
+            mae_l = mae_loss(
+                pred, patchify(images, self.patch_size), mask, norm_pix=cfg.norm_pix_loss
+            )
             loss = loss + cfg.mae_weight * mae_l
         if cfg.clip_weight > 0:
             assert texts is not None

@@ -27,7 +27,10 @@ THROUGHPUT_VARIANTS = ("clip", "maeclip", "maeclip_masked", "flip", "mae")
 def _config(base: MAECLIPConfig, name: str) -> MAECLIPConfig:
     if name == "flip":
         return replace(
-            base, clip_weight=1.0, mae_weight=0.0, contrastive_input="masked",
+            base,
+            clip_weight=1.0,
+            mae_weight=0.0,
+            contrastive_input="masked",
             contrastive_mask_ratio=0.5,
         )
     return variant_config(base, name)

@@ -85,7 +85,14 @@ class StepBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, n: int, *, batch_size: int, steps: int, seed: int, rank: int = 0, world: int = 1,
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
         start: int = 0,
     ) -> None:
         if batch_size % world:
@@ -105,20 +112,32 @@ class StepBatchSampler(Sampler[list[int]]):
         for step in range(self.start, self.steps):
             if step // self.per_epoch != epoch:
                 epoch = step // self.per_epoch
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm = torch.randperm(
+                    self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
+                )
             assert perm is not None
             b = (step % self.per_epoch) * self.batch + self.rank * local
             yield perm[b : b + local].tolist()
 
 
 def _batches(
-    dataset: Dataset, tokenizer: CaptionTokenizer, cfg: TrainConfig, rank: int, world: int, start: int
+    dataset: Dataset,
+    tokenizer: CaptionTokenizer,
+    cfg: TrainConfig,
+    rank: int,
+    world: int,
+    start: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     collate = ImageTextCollate(tokenizer)
     if isinstance(dataset, ImageTextSet):  # in memory: index directly, no worker overhead
         sampler = StepBatchSampler(
-            len(dataset), batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
-            rank=rank, world=world, start=start,
+            len(dataset),
+            batch_size=cfg.batch_size,
+            steps=cfg.steps,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+            start=start,
         )
         for idx in sampler:
             yield dataset.images[idx], tokenizer([dataset.captions[i] for i in idx])
@@ -128,8 +147,11 @@ def _batches(
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             loader = DataLoader(
-                dataset, batch_size=cfg.batch_size // world, collate_fn=collate,
-                num_workers=cfg.num_workers, drop_last=True,
+                dataset,
+                batch_size=cfg.batch_size // world,
+                collate_fn=collate,
+                num_workers=cfg.num_workers,
+                drop_last=True,
             )
             got = False
             for batch in loader:
@@ -141,7 +163,11 @@ def _batches(
     else:
         sampler = StepBatchSampler(
             len(dataset),  # type: ignore[arg-type]
-            batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed, rank=rank, world=world,
+            batch_size=cfg.batch_size,
+            steps=cfg.steps,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
             start=start,
         )
         yield from DataLoader(
@@ -151,11 +177,14 @@ def _batches(
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on biases, norms, embeddings, tokens and logit_scale (open_clip)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or any(k in name for k in ("embedding", "token", "logit_scale", "bn", "ln"))
+        skip = p.ndim < 2 or any(
+            k in name for k in ("embedding", "token", "logit_scale", "bn", "ln")
+        )
         (no_decay if skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -187,19 +216,24 @@ def train(
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    seed_everything(cfg.seed + rank)  # per-rank masks; the model init is synced below
+    seed_everything(cfg.seed + rank)  # each rank draws its own MAE masks
     if model is None:
-        torch.manual_seed(cfg.seed)
-        model = build_model(model_config, device=device)
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank, masks untouched
+            torch.manual_seed(cfg.seed)
+            model = build_model(model_config, device=device)
     model.to(device)
     tokenizer = CaptionTokenizer(model.clip.context_length)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     scheduler = lambda_lr(optimizer, cosine_schedule(cfg.steps, warmup_steps=cfg.warmup_steps))
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     checkpointer = Checkpointer(out / "checkpoints") if out is not None else None
     start, resumed = 0, None
     if checkpointer is not None and resume and checkpointer.latest_step() is not None:
-        ckpt = checkpointer.load(model=model, optimizer=optimizer, scheduler=scheduler, map_location=device)
+        ckpt = checkpointer.load(
+            model=model, optimizer=optimizer, scheduler=scheduler, map_location=device
+        )
         start = resumed = ckpt.step
     elif world > 1:
         for tensor in model.state_dict().values():  # identical start on every rank
@@ -220,7 +254,10 @@ def train(
         for step in range(start, cfg.steps):
             images, texts = next(batches)
             t0 = time.perf_counter()
-            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+            images, texts = (
+                images.to(device, non_blocking=True),
+                texts.to(device, non_blocking=True),
+            )
             output = wrapped(images, texts)
             if not torch.isfinite(output.loss):
                 raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}")
@@ -240,7 +277,7 @@ def train(
                 value = getattr(output, name)
                 if value is not None:
                     record[name] = float(value.detach())
-            record["lr"] = scheduler.get_last_lr()[0]
+            record["lr"] = float(scheduler.get_last_lr()[0])
             result.history.append({"step": step + 1, **record})
             if logger is not None and cfg.log_every and (step + 1) % cfg.log_every == 0:
                 logger.log(step + 1, **record)
@@ -251,7 +288,9 @@ def train(
                 (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last
             ):
                 if rank == 0:
-                    checkpointer.save(step + 1, model=model, optimizer=optimizer, scheduler=scheduler)
+                    checkpointer.save(
+                        step + 1, model=model, optimizer=optimizer, scheduler=scheduler
+                    )
                 if world > 1:
                     dist.barrier()
     finally:

@@ -8,6 +8,7 @@ partial updates and their streaming variants (validation loss vs tokens and vs b
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from verger.core.bench import Report, compare, count_flops, measure_peak_memory
 from verger.sparse_diloco.config import DiLoCoConfig
-from verger.sparse_diloco.engine import DiLoCo
+from verger.sparse_diloco.engine import DiLoCo, Worker
 from verger.sparse_diloco.flops import step_flops
 from verger.sparse_diloco.runner import TrainSpec, get_task, train_run
 
@@ -35,20 +36,20 @@ def bench_settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
     task_options = dict(
         size="tiny",
         model=dict(d_model=192, mlp_hidden=768),
-        seq_len=64,
+        seq_len=32,
         batch_size=2,
-        val_batches=8,
+        val_batches=32,
         device=device,
     )
     config = DiLoCoConfig(
         num_workers=4,
-        inner_steps=10 if quick else 25,
+        inner_steps=10 if quick else 20,
         inner_lr=2e-3,
         inner_warmup=10,
         inner_weight_decay=0.1,
         grad_clip=1.0,
     )
-    return dict(task_options=task_options, config=config, rounds=6 if quick else 20)
+    return dict(task_options=task_options, config=config, rounds=8 if quick else 16)
 
 
 def inner_step_figures(
@@ -76,7 +77,11 @@ def inner_step_figures(
     engines = {k: engine(k) for k in plans}
     for name, eng in engines.items():
         worker = eng.workers[0]
-        out[f"{name}_flops"] = count_flops(lambda w=worker: task.loss_fn(w.model, batch).backward())
+
+        def fwd_bwd(w: Worker = worker) -> None:
+            task.loss_fn(w.model, batch).backward()
+
+        out[f"{name}_flops"] = count_flops(fwd_bwd)
         worker.optimizer.zero_grad(set_to_none=True)
         out[f"{name}_flops_model"] = step_flops(
             task.model,
@@ -94,8 +99,12 @@ def inner_step_figures(
                 eng.inner_step(fresh)
 
         out[f"{name}_peak_bytes"] = measure_peak_memory(train_a_worker, device=torch.device("cpu"))
+
+    def step_of(e: DiLoCo) -> Callable[[], float]:
+        return lambda: e.inner_step(e.workers[0])
+
     timings = compare(
-        {k: (lambda e=e: e.inner_step(e.workers[0])) for k, e in engines.items()},
+        {k: step_of(e) for k, e in engines.items()},
         warmup=3,
         repeats=repeats,
     )

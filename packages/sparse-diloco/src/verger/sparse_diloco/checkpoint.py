@@ -33,11 +33,16 @@ class RunCheckpointer:
     def _round_dir(self, round_index: int) -> Path:
         return self.directory / f"round_{round_index:06d}"
 
-    def save(self, engine: DiLoCo, *, write_global: bool = True) -> Path:
-        """Write this process's workers (and the global state when ``write_global``)."""
+    def save(
+        self, engine: DiLoCo, *, write_global: bool = True, write_workers: bool = True
+    ) -> Path:
+        """Write this process's workers (and the global state when ``write_global``).
+
+        Ranks of one island hold identical worker state: only one of them writes it.
+        """
         folder = self._round_dir(engine.rounds_done)
         folder.mkdir(parents=True, exist_ok=True)
-        for k in engine.workers:
+        for k in engine.workers if write_workers else ():
             with atomic_path(folder / f"worker_{k}.pt") as tmp:
                 torch.save(engine.worker_state_dict(k), tmp)
         if write_global:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from verger.sparse_diloco.config import DiLoCoConfig
@@ -59,6 +60,9 @@ class DiLoCo:
 
     ``loss_fn(model, batch)`` returns a scalar loss; ``data.batch(worker, step)`` gives batches.
     ``transport`` defaults to `LocalTransport` (all workers simulated in this process).
+    ``island_group``: this worker is an *island* of several data-parallel ranks; each rank
+    takes its share of every batch (rows ``rank::size``; batches must be tuples of tensors)
+    and gradients are averaged over the island before each inner step.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class DiLoCo:
         loss_fn: LossFn,
         data: BatchSource,
         transport: Transport | None = None,
+        island_group: dist.ProcessGroup | None = None,
     ) -> None:
         if plan.num_workers != config.num_workers:
             raise ValueError(
@@ -83,6 +88,9 @@ class DiLoCo:
             )
         self.model, self.plan, self.config = model, plan, config
         self.loss_fn, self.data = loss_fn, data
+        self.island_group = island_group
+        self.island_size = dist.get_world_size(island_group) if island_group is not None else 1
+        self.island_rank = dist.get_rank(island_group) if island_group is not None else 0
         self.codec = config.codec()
         self.anchor: dict[str, nn.Parameter] = dict(model.named_parameters())
         if list(self.anchor) != plan.names:
@@ -119,6 +127,8 @@ class DiLoCo:
     def inner_step(self, worker: Worker) -> float:
         """One AdamW step on the worker's subset; returns the loss."""
         batch = self.data.batch(worker.index, worker.step)
+        if self.island_size > 1:
+            batch = tuple(t[self.island_rank :: self.island_size] for t in batch)
         loss = self.loss_fn(worker.model, batch)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -128,6 +138,12 @@ class DiLoCo:
             )
         loss.backward()
         params = worker.optimizer.param_groups[0]["params"]
+        if self.island_size > 1:  # data parallel inside the island: average the gradients
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.island_group)
+                    p.grad.div_(self.island_size)
+            value = _island_mean(value, self.island_group, self.island_size)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=False)
         worker.optimizer.step()
@@ -268,3 +284,9 @@ def inner_state_numel(worker: Worker) -> dict[str, int]:
         if isinstance(t, torch.Tensor) and t.dim() > 0
     )
     return {"trainable": trainable, "optimizer_state": state}
+
+
+def _island_mean(value: float, group: dist.ProcessGroup | None, size: int) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return float(t) / size

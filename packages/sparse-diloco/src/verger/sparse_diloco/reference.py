@@ -38,7 +38,7 @@ def reference_diloco(
     names = list(anchor)
     if masks is None:
         masks = [{n: torch.ones_like(p, dtype=torch.bool) for n, p in anchor.items()}] * W
-    counts = {n: sum(m[n].to(torch.float32) for m in masks) for n in names}
+    counts = {n: torch.stack([m[n] for m in masks]).to(torch.float32).sum(0) for n in names}
     fragments = fragments or [names]
     locals_ = [copy.deepcopy(global_model) for _ in range(W)]
     opts = [
@@ -64,15 +64,14 @@ def reference_diloco(
                 loss = loss_fn(locals_[k], data.batch(k, steps[k]))
                 loss.backward()
                 with torch.no_grad():
-                    for n, p in params.items():
-                        p.grad.mul_(masks[k][n])
+                    grads = {n: _grad(p) for n, p in params.items()}
+                    for n, g in grads.items():
+                        g.mul_(masks[k][n])
                     if config.grad_clip is not None:
-                        norm = torch.sqrt(
-                            sum((p.grad.double() ** 2).sum() for p in params.values())
-                        )
-                        scale = min(1.0, config.grad_clip / (float(norm) + 1e-6))
-                        for p in params.values():
-                            p.grad.mul_(scale)
+                        norm = sum(float((g.double() ** 2).sum()) for g in grads.values()) ** 0.5
+                        scale = min(1.0, config.grad_clip / (norm + 1e-6))
+                        for g in grads.values():
+                            g.mul_(scale)
                 opts[k].step()
                 opts[k].zero_grad(set_to_none=True)
                 with torch.no_grad():  # frozen coordinates always equal the anchor
@@ -82,10 +81,9 @@ def reference_diloco(
         group_names = fragments[sync_index % len(fragments)]
         with torch.no_grad():
             for n in group_names:
-                delta = sum(
-                    masks[k][n] * (anchor[n] - dict(locals_[k].named_parameters())[n])
-                    for k in range(W)
-                )
+                delta = torch.zeros_like(anchor[n])
+                for k in range(W):
+                    delta += masks[k][n] * (anchor[n] - dict(locals_[k].named_parameters())[n])
                 g = delta / counts[n].clamp_min(1.0)
                 mu = config.outer_momentum
                 momentum[n].mul_(mu).add_(g)
@@ -94,3 +92,9 @@ def reference_diloco(
                 for k in range(W):
                     dict(locals_[k].named_parameters())[n].copy_(anchor[n])
     return global_model
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        raise RuntimeError("reference_diloco: a parameter got no gradient from loss_fn")
+    return p.grad

@@ -114,6 +114,8 @@ def train_run(
     transport: Transport | None = None,
     *,
     is_main: bool = True,
+    island_group: dist.ProcessGroup | None = None,
+    writes_workers: bool = True,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``spec``; returns the history and the final global parameters."""
@@ -121,7 +123,13 @@ def train_run(
     task = get_task(spec.task, spec.seed, spec.task_options)
     plan = spec.make_plan(task.model)
     engine = DiLoCo(
-        task.model, plan, spec.config, loss_fn=task.loss_fn, data=task.data, transport=transport
+        task.model,
+        plan,
+        spec.config,
+        loss_fn=task.loss_fn,
+        data=task.data,
+        transport=transport,
+        island_group=island_group,
     )
     ckpt = RunCheckpointer(spec.checkpoint_dir) if spec.checkpoint_dir else None
     resumed = ckpt.load_latest(engine) if ckpt else None
@@ -141,7 +149,7 @@ def train_run(
         figures.update(round=float(r), tokens=float(r * tokens_per_round))
         history.append(figures)
         if ckpt:
-            ckpt.save(engine, write_global=is_main)
+            ckpt.save(engine, write_global=is_main, write_workers=writes_workers)
         if progress:
             progress(r, figures)
     return {
@@ -154,14 +162,31 @@ def train_run(
 
 
 def distributed_main(spec: TrainSpec) -> dict[str, Any]:
-    """Per-rank entry (process group initialized): worker = rank of the default group."""
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size != spec.config.num_workers:
+    """Per-rank entry (process group initialized).
+
+    With world size W (= ``config.num_workers``) each rank is a worker. With world size
+    W x R, worker k is the island of ranks [k R, (k+1) R): data parallel inside the island,
+    pseudo-gradients exchanged between the ranks that share an island position.
+    """
+    from verger.core.distributed import make_groups
+
+    world_size, workers = dist.get_world_size(), spec.config.num_workers
+    if world_size % workers:
         raise ValueError(
-            f"world size {world_size} != config.num_workers={spec.config.num_workers}: "
-            "run one process per worker"
+            f"world size {world_size} is not a multiple of config.num_workers={workers}: "
+            "run one process (or the same number of processes) per worker"
         )
-    return train_run(spec, ProcessGroupTransport(), is_main=rank == 0)
+    if world_size == workers:
+        return train_run(spec, ProcessGroupTransport(), is_main=dist.get_rank() == 0)
+    mesh = make_groups(workers, world_size // workers)
+    transport = ProcessGroupTransport(mesh.cross_island, worker=mesh.island)
+    return train_run(
+        spec,
+        transport,
+        is_main=dist.get_rank() == 0,
+        island_group=mesh.intra_island,
+        writes_workers=mesh.replica == 0,
+    )
 
 
 def distributed_runs(specs: list[TrainSpec]) -> list[dict[str, Any]]:

@@ -221,7 +221,8 @@ class SubsetPlan:
                 f"num_fragments={num_fragments!r} must be an int in [1, {len(self.shapes)}]"
             )
         sizes = [math.prod(s) for s in self.shapes.values()]
-        total, groups, acc = sum(sizes), [[] for _ in range(num_fragments)], 0
+        total, acc = sum(sizes), 0
+        groups: list[list[str]] = [[] for _ in range(num_fragments)]
         for i, name in enumerate(self.shapes):
             # Place by the midpoint of the tensor in the cumulative size, then keep every group
             # non-empty by taking at least one tensor per remaining group.
@@ -286,8 +287,9 @@ def _find_mlps(
     rows, cols = layout
     found: dict[str, tuple[int, int]] = {}
     for prefix, module in model.named_modules():
-        children = [getattr(module, c, None) for c in (*rows, *cols)]
-        if not all(isinstance(c, nn.Linear) for c in children):
+        found_children = [getattr(module, c, None) for c in (*rows, *cols)]
+        children = [c for c in found_children if isinstance(c, nn.Linear)]
+        if len(children) != len(found_children):
             continue
         hidden = {c.out_features for c in children[: len(rows)]}
         hidden |= {c.in_features for c in children[len(rows) :]}

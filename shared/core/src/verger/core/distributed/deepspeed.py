@@ -7,7 +7,8 @@ memory op (~40 s, then cached). Pass a torch optimizer object to avoid building 
 Writing parameters: at ZeRO-1/2 the optimizer holds the fp32 master copy and the module holds
 low-precision (or aliased) copies; after ``safe_set_full_fp32_param`` the module copies must
 be refreshed with ``engine.optimizer.update_lp_params()`` or the next forward pass uses stale
-weights. :func:`set_full_fp32_params` does that for you.
+weights. ZeRO-3 has no such call: the module partitions are rewritten inside
+``deepspeed.zero.GatheredParameters``. :func:`set_full_fp32_params` does both for you.
 """
 
 from __future__ import annotations
@@ -123,5 +124,15 @@ def set_full_fp32_params(engine: Any, values: Mapping[str, torch.Tensor]) -> Non
         else:
             with torch.no_grad():
                 param.copy_(value.to(param.device, param.dtype))
-    if zero_stage(engine) in (1, 2) and hasattr(engine.optimizer, "update_lp_params"):
+    stage = zero_stage(engine)
+    if stage in (1, 2) and hasattr(engine.optimizer, "update_lp_params"):
         engine.optimizer.update_lp_params()
+    elif stage == 3:
+        # ZeRO-3 keeps the module's partitions apart from the fp32 master partitions and has
+        # no update_lp_params: write them through the public gather/re-partition context.
+        ds = _deepspeed()
+        written = [(params[name], values[name]) for name in params if name in values]
+        gathered = ds.zero.GatheredParameters([p for p, _ in written], modifier_rank=0)
+        with gathered, torch.no_grad():
+            for param, value in written:
+                param.data.copy_(value.to(param.device, param.dtype).reshape(param.shape))
