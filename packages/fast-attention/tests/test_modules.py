@@ -131,3 +131,14 @@ def test_favor_feature_map_through_attention_options():
     model = TransformerLM(cfg)
     loss = model(torch.randint(0, 61, (2, 8)), targets=torch.randint(0, 61, (2, 8))).loss
     assert torch.isfinite(loss)
+
+
+def test_clustered_cached_step_is_clustered_attention_of_one_query():
+    torch.manual_seed(0)
+    m = ImprovedClusteredAttention(16, 2, n_clusters=3, topk=2, causal=True)
+    x = torch.randn(1, 9, 16)
+    _, cache = m(x[:, :8], use_cache=True)
+    y, _ = m(x[:, 8:], cache=cache, use_cache=True, start_pos=8)
+    q, k, v = _heads(m, x)  # no rotary here: the module was built without it
+    ref = clustered_attention(q[:, :, 8:], k, v, n_clusters=3, topk=2)
+    assert_close(y, m.o_proj(ref.transpose(1, 2).reshape(1, 1, 16)), rtol=1e-5)

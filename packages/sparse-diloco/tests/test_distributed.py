@@ -81,3 +81,12 @@ def test_two_islands_of_two_ranks_equal_two_simulated_workers():
         for n, p in sim["params"].items():
             assert_close(r["params"][n], p, rtol=1e-5, name=n)  # reduction order differs
         assert r["bytes_sent"] == sim["bytes_sent"]
+
+
+def test_train_spec_and_world_size_validation():
+    with pytest.raises(ValueError, match="plan="):
+        TrainSpec(plan="half")
+    with pytest.raises(ValueError, match="rounds="):
+        TrainSpec(rounds=0)
+    with pytest.raises(ValueError, match="task="):
+        train_run(TrainSpec(task="nope"))

@@ -284,7 +284,7 @@ def run_bench(args: argparse.Namespace) -> Report:
     steps.update()
     bench_noncausal(report, 16384, device, repeats)
     steps.update()
-    bench_generation(report, [1024, 16384], device, 16 if quick else 64)
+    bench_generation(report, [1024, 16384], device, 64 if quick else 256)
     steps.update()
     bench_flops_efficiency(report, 16384 if not quick else 4096, device, repeats)
     steps.update()

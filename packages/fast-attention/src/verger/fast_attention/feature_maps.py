@@ -96,14 +96,14 @@ class _EluPlusOne(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        phi = torch.exp(x.clamp(max=0.0)).add_(x.clamp(min=0.0))
+        phi = x.clamp(max=0.0).exp_().add_(x.clamp(min=0.0))
         ctx.save_for_backward(phi)
         return phi
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (phi,) = ctx.saved_tensors
-        return grad * phi.clamp(max=1.0)
+        return phi.clamp(max=1.0).mul_(grad)
 
 
 @register_feature_map("elu")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from verger.fast_attention._checks import check_positive_int
@@ -215,12 +216,13 @@ class ClusteredAttention(_Projected):
             y = self._attend(q, k, v, key_padding_mask, self.causal)
             return self._out(y), (KVCache(k, v) if use_cache else None)
         outs = []
-        for t in range(q.shape[2]):  # a new query sees every cached key: no causal mask needed
-            cache = KVCache(
-                torch.cat((cache.k, k[:, :, t : t + 1]), 2),
-                torch.cat((cache.v, v[:, :, t : t + 1]), 2),
-            )
-            outs.append(self._attend(q[:, :, t : t + 1], cache.k, cache.v, None, False))
+        for t in range(q.shape[2]):
+            k_all = torch.cat((cache.k, k[:, :, t : t + 1]), 2)
+            v_all = torch.cat((cache.v, v[:, :, t : t + 1]), 2)
+            cache = KVCache(k_all, v_all)
+            # one new query is its own cluster and centroid, so clustered attention over the
+            # cached keys is exactly softmax attention: skip hashing and k-means
+            outs.append(F.scaled_dot_product_attention(q[:, :, t : t + 1], k_all, v_all))
         return self._out(torch.cat(outs, 2)), (cache if use_cache else None)
 
 

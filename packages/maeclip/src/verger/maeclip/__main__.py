@@ -151,6 +151,7 @@ def _queries(test_set: ImageTextSet) -> list[str]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     report = Report(args.out, title="verger-maeclip bench")
+    args.data = args.data or "mnist"  # the contract keys need labelled data (zero-shot, probe)
     methods = (
         ("clip", "mae", "maeclip") if args.quick else ("clip", "mae", "maeclip", "maeclip_masked")
     )
@@ -200,8 +201,9 @@ def _throughput_section(
             )
         rows.append({"variant": name, **figures, "vs clip": figures["images_per_s"] / clip})
     report.table(title, rows)
-    fig, ax = new_figure(width=6, height=3.2)
+    fig, ax = new_figure(width=7.5, height=3.4)
     ax.bar(list(tp), [f["images_per_s"] for f in tp.values()], color="tab:blue")
+    ax.tick_params(axis="x", labelrotation=15)
     ax.set_ylabel("images / s (train step)")
     ax.set_title(title, fontsize=9)
     report.plot(f"{prefix}throughput", fig)
@@ -237,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         report.metric("images_per_s", result.images_per_s)
         report.metric("world_size", info.world_size)
         for key, value in result.history[-1].items():
-            report.metric(f"final_{key}", float(value))
+            report.metric(f"final_{key}", value if key == "step" else float(value))
         if test_set is not None:
             tok = CaptionTokenizer(result.model.clip.context_length)
             for key, value in evaluate_method(
