@@ -169,3 +169,19 @@ def test_config_validation():
     plan = SubsetPlan.full(toy_model(), 2)
     with pytest.raises(ValueError, match="num_workers"):
         DiLoCo(toy_model(), plan, DiLoCoConfig(num_workers=4), loss_fn=toy_loss, data=ToyData())
+
+
+def test_partial_workers_scale_their_inner_lr():
+    model = toy_model(0)
+    plan = SubsetPlan.mlp_slices(model, 4)
+    f = plan.trained_fraction(0)
+    assert 0 < f < 1
+    config = DiLoCoConfig(num_workers=4, inner_lr=1e-3)
+    assert config.worker_inner_lr(f) == pytest.approx(1e-3 / f**0.5)
+    assert config.worker_inner_lr(1.0) == 1e-3  # DiLoCo workers are unaffected
+    engine = DiLoCo(model, plan, config, loss_fn=toy_loss, data=ToyData())
+    assert engine.workers[0].optimizer.param_groups[0]["initial_lr"] == config.worker_inner_lr(f)
+    none = DiLoCoConfig(num_workers=4, inner_lr=1e-3, partial_lr_scaling="none")
+    assert none.worker_inner_lr(f) == 1e-3
+    with pytest.raises(ValueError, match="partial_lr_scaling="):
+        DiLoCoConfig(partial_lr_scaling="linear")

@@ -107,7 +107,7 @@ def run_demo(args: argparse.Namespace) -> Report:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t0
         vl = _val_loss(model, val, 8 if quick else 32, batch)
         tps = steps * batch * seq_len / elapsed

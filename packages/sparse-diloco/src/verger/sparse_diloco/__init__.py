@@ -7,6 +7,7 @@ averages each coordinate's pseudo-gradient over the workers that trained it.
 
 from verger.sparse_diloco.compression import Codec
 from verger.sparse_diloco.config import DiLoCoConfig
+from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
 from verger.sparse_diloco.engine import BatchSource, DiLoCo, NonFiniteLossError, Worker
 from verger.sparse_diloco.partial import PartialLinear, build_worker_model, trainable_parameters
 from verger.sparse_diloco.reference import reference_diloco
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchSource",
     "Codec",
+    "DeepSpeedDiLoCo",
     "DiLoCo",
     "DiLoCoConfig",
     "LocalTransport",

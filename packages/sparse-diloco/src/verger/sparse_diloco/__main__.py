@@ -52,7 +52,13 @@ def _train(args: argparse.Namespace) -> int:
         config=config,
         rounds=args.rounds,
         seed=args.seed,
-        checkpoint_dir=str(args.checkpoint_dir or args.out / "checkpoints"),
+        checkpoint_dir=(
+            None
+            if args.inner_engine == "deepspeed" and args.checkpoint_dir is None
+            else str(args.checkpoint_dir or args.out / "checkpoints")
+        ),
+        inner_engine=args.inner_engine,
+        zero_stage=args.zero_stage,
     )
     if "RANK" in os.environ:  # launched by torchrun: one worker per rank
         from verger.core.distributed import init_distributed
@@ -113,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--seq-len", type=int, default=64)
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--checkpoint-dir", default=None)
+    train.add_argument(
+        "--inner-engine",
+        default="torch",
+        choices=["torch", "deepspeed"],
+        help="deepspeed: under torchrun, each worker is a ZeRO island over all ranks",
+    )
+    train.add_argument("--zero-stage", type=int, default=2, choices=[1, 2])
     args = parser.parse_args(argv)
     if args.device in ("auto", "cpu") and "RANK" not in os.environ:
         import torch

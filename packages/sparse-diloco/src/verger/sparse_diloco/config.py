@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from verger.sparse_diloco.compression import SUPPORTED_BITS, Codec
+
+LR_SCALINGS = ("sqrt", "none")
 
 
 @dataclass(kw_only=True)
@@ -15,6 +18,12 @@ class DiLoCoConfig:
     ``num_fragments = F > 1`` (Streaming DiLoCo) the parameters are split into F fragments and
     one fragment is synced every H/F inner steps, so each is still synced every H steps.
     ``compression_bits`` (4, 8 or 32) is the wire precision of pseudo-gradients.
+
+    ``partial_lr_scaling``: how a worker that trains a fraction f < 1 of the parameters sets
+    its inner learning rate. ``"sqrt"`` (default) uses ``inner_lr / sqrt(f)``: an AdamW step
+    moves every trained coordinate by about the learning rate, so the norm of a worker's
+    update grows like sqrt(trained coordinates); the rule keeps it equal to a full (DiLoCo)
+    worker's. ``"none"`` uses ``inner_lr`` for every worker. DiLoCo (f = 1) is unaffected.
     """
 
     num_workers: int = 4
@@ -30,6 +39,7 @@ class DiLoCoConfig:
     num_fragments: int = 1
     compression_bits: int = 32
     compression_block: int = 256
+    partial_lr_scaling: str = "sqrt"
 
     def __post_init__(self) -> None:
         _positive_int("num_workers", self.num_workers)
@@ -62,6 +72,18 @@ class DiLoCoConfig:
                 f"compression_bits={self.compression_bits!r} must be one of {SUPPORTED_BITS}"
             )
         self.codec()  # validates compression_block
+        if self.partial_lr_scaling not in LR_SCALINGS:
+            raise ValueError(
+                f"partial_lr_scaling={self.partial_lr_scaling!r} must be one of {LR_SCALINGS}"
+            )
+
+    def worker_inner_lr(self, trained_fraction: float) -> float:
+        """The peak inner learning rate of a worker training ``trained_fraction`` of the model."""
+        if not 0 <= trained_fraction <= 1:
+            raise ValueError(f"trained_fraction={trained_fraction!r} must be in [0, 1]")
+        if self.partial_lr_scaling == "none" or trained_fraction == 0:
+            return self.inner_lr
+        return self.inner_lr / math.sqrt(trained_fraction)
 
     def codec(self) -> Codec:
         return Codec(bits=self.compression_bits, block_size=self.compression_block)

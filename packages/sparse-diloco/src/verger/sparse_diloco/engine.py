@@ -112,7 +112,7 @@ class DiLoCo:
         c = self.config
         opt = torch.optim.AdamW(
             trainable_parameters(local),
-            lr=c.inner_lr,
+            lr=c.worker_inner_lr(self.plan.trained_fraction(k)),
             betas=c.inner_betas,
             weight_decay=c.inner_weight_decay,
             foreach=False,  # per-tensor math: identical numbers whatever the grouping
@@ -179,6 +179,7 @@ class DiLoCo:
     def sync(self, names: list[str]) -> None:
         """Exchange pseudo-gradients of ``names``, take the outer step, reset the locals."""
         sizes = self._sizes(names)
+        self._before_sync()
         payloads = {k: self.pseudo_gradient(w, names) for k, w in self.workers.items()}
         gathered = self.transport.exchange(payloads, sizes)
         self.bytes_sent += sum(sizes)
@@ -201,7 +202,14 @@ class DiLoCo:
         for w in self.workers.values():
             for n in names:
                 get_tensor(w.model, n).copy_(self.anchor[n])
+        self._after_sync()
         self.syncs += 1
+
+    def _before_sync(self) -> None:
+        """Hook for inner engines whose local state is not the model's tensors (DeepSpeed)."""
+
+    def _after_sync(self) -> None:
+        """Hook: the workers' models now hold the new anchor on the synced names."""
 
     # ---- rounds ---------------------------------------------------------------------------
     def round(self) -> dict[str, float]:

@@ -6,6 +6,10 @@ the full weight is a buffer, the trained range is a ``Parameter`` that is a *vie
 optimizer's in-place updates land in the weight the forward pass reads), and a custom backward
 computes the input gradient through the whole weight but the weight gradient only for the
 slice, so the frozen part costs no weight-gradient FLOPs and no gradient memory.
+
+``standalone=True`` is for engines that re-home parameters (DeepSpeed ZeRO flattens every
+Parameter into its own buffers, which breaks a view): the slice is then a separate Parameter,
+copied into the full weight at each forward pass and merged back by `merge_slices`.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ class PartialLinear(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, linear: nn.Linear, selection: Selection) -> None:
+    def __init__(
+        self, linear: nn.Linear, selection: Selection, *, standalone: bool = False
+    ) -> None:
         super().__init__()
         if selection.dim not in (0, 1):
             raise ValueError(f"PartialLinear needs a slice along dim 0 or 1, got {selection}")
@@ -72,10 +78,19 @@ class PartialLinear(nn.Module):
         self.register_buffer("weight", linear.weight.detach())
         self.bias = linear.bias
         self.selection = selection
-        self.trainable = nn.Parameter(selection.view(self.weight))
+        self.standalone = standalone
+        view = selection.view(self.weight)
+        self.trainable = nn.Parameter(view.clone() if standalone else view)
+
+    def merge(self) -> None:
+        """Write a standalone slice into the full weight (a no-op for a view)."""
+        if self.standalone:
+            with torch.no_grad():
+                self.selection.view(self.weight).copy_(self.trainable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.selection
+        self.merge()
         return _SlicedLinearFn.apply(
             x, self.trainable, self.weight, self.bias, s.dim, s.start, s.stop
         )
@@ -85,7 +100,15 @@ class PartialLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"trains dim {s.dim} [{s.start}, {s.stop})"
+            + (", standalone" if self.standalone else "")
         )
+
+
+def merge_slices(model: nn.Module) -> None:
+    """Merge every standalone `PartialLinear` slice into its full weight."""
+    for module in model.modules():
+        if isinstance(module, PartialLinear):
+            module.merge()
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -98,10 +121,13 @@ def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     return tensor
 
 
-def build_worker_model(model: nn.Module, plan: SubsetPlan, worker: int) -> nn.Module:
+def build_worker_model(
+    model: nn.Module, plan: SubsetPlan, worker: int, *, standalone: bool = False
+) -> nn.Module:
     """A copy of ``model`` that trains only ``worker``'s subset of ``plan``.
 
     The copy shares nothing with ``model``. Its forward pass is the full network's.
+    ``standalone``: sliced weights train a separate Parameter instead of a view (`PartialLinear`).
     """
     if not 0 <= worker < plan.num_workers:
         raise ValueError(f"worker={worker} must be in [0, {plan.num_workers})")
@@ -121,7 +147,7 @@ def build_worker_model(model: nn.Module, plan: SubsetPlan, worker: int) -> nn.Mo
             raise ValueError(f"{name!r}: only nn.Linear weights can be sliced")
         parent_name, _, child = module_name.rpartition(".")
         parent = local.get_submodule(parent_name) if parent_name else local
-        setattr(parent, child, PartialLinear(linear, sel))
+        setattr(parent, child, PartialLinear(linear, sel, standalone=standalone))
     return local
 
 

@@ -40,16 +40,18 @@ def reference_diloco(
         masks = [{n: torch.ones_like(p, dtype=torch.bool) for n, p in anchor.items()}] * W
     counts = {n: torch.stack([m[n] for m in masks]).to(torch.float32).sum(0) for n in names}
     fragments = fragments or [names]
+    total = sum(p.numel() for p in anchor.values())
+    lrs = [config.worker_inner_lr(sum(int(m[n].sum()) for n in names) / total) for m in masks]
     locals_ = [copy.deepcopy(global_model) for _ in range(W)]
     opts = [
         torch.optim.AdamW(
             m.parameters(),
-            lr=config.inner_lr,
+            lr=lrs[k],
             betas=config.inner_betas,
             weight_decay=config.inner_weight_decay,
             foreach=False,
         )
-        for m in locals_
+        for k, m in enumerate(locals_)
     ]
     warm = config.inner_warmup
     steps = [0] * W
@@ -60,7 +62,7 @@ def reference_diloco(
             params = dict(locals_[k].named_parameters())
             for _ in range(interval):
                 for group in opts[k].param_groups:
-                    group["lr"] = config.inner_lr * (min(1.0, (steps[k] + 1) / warm) if warm else 1)
+                    group["lr"] = lrs[k] * (min(1.0, (steps[k] + 1) / warm) if warm else 1)
                 loss = loss_fn(locals_[k], data.batch(k, steps[k]))
                 loss.backward()
                 with torch.no_grad():

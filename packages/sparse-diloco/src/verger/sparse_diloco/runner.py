@@ -24,6 +24,7 @@ from verger.sparse_diloco.subset import SubsetPlan
 from verger.sparse_diloco.transport import ProcessGroupTransport, Transport
 
 PLANS = ("full", "mlp")
+INNER_ENGINES = ("torch", "deepspeed")
 
 
 @dataclass
@@ -88,8 +89,20 @@ class TrainSpec:
     checkpoint_dir: str | None = None
     eval_every: int = 1
     crash: tuple[int, int] | None = None  # (worker, round): that worker dies there (tests)
+    inner_engine: str = "torch"  # "deepspeed": ZeRO island over the whole world (extra)
+    zero_stage: int = 2
 
     def __post_init__(self) -> None:
+        if self.inner_engine not in INNER_ENGINES:
+            raise ValueError(f"inner_engine={self.inner_engine!r} must be one of {INNER_ENGINES}")
+        if self.inner_engine == "deepspeed" and self.checkpoint_dir is not None:
+            raise ValueError(
+                "checkpoint_dir must be None with inner_engine='deepspeed' (worker checkpoints "
+                "are not supported with the DeepSpeed inner engine yet)"
+            )
+        self._validate()
+
+    def _validate(self) -> None:
         if self.plan not in PLANS:
             raise ValueError(f"plan={self.plan!r} must be one of {PLANS}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -122,7 +135,13 @@ def train_run(
     torch.manual_seed(spec.seed)
     task = get_task(spec.task, spec.seed, spec.task_options)
     plan = spec.make_plan(task.model)
-    engine = DiLoCo(
+    options: dict[str, Any] = {}
+    engine_class: type[DiLoCo] = DiLoCo
+    if spec.inner_engine == "deepspeed":
+        from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
+
+        engine_class, options = DeepSpeedDiLoCo, {"zero_stage": spec.zero_stage}
+    engine = engine_class(
         task.model,
         plan,
         spec.config,
@@ -130,6 +149,7 @@ def train_run(
         data=task.data,
         transport=transport,
         island_group=island_group,
+        **options,
     )
     ckpt = RunCheckpointer(spec.checkpoint_dir) if spec.checkpoint_dir else None
     resumed = ckpt.load_latest(engine) if ckpt else None
@@ -166,11 +186,15 @@ def distributed_main(spec: TrainSpec) -> dict[str, Any]:
 
     With world size W (= ``config.num_workers``) each rank is a worker. With world size
     W x R, worker k is the island of ranks [k R, (k+1) R): data parallel inside the island,
-    pseudo-gradients exchanged between the ranks that share an island position.
+    pseudo-gradients exchanged between the ranks that share an island position. With
+    ``inner_engine="deepspeed"`` every rank runs all W workers, each a ZeRO island over the
+    whole world.
     """
     from verger.core.distributed import make_groups
 
     world_size, workers = dist.get_world_size(), spec.config.num_workers
+    if spec.inner_engine == "deepspeed":  # every worker is a ZeRO island over all the ranks
+        return train_run(spec, is_main=dist.get_rank() == 0)
     if world_size % workers:
         raise ValueError(
             f"world size {world_size} is not a multiple of config.num_workers={workers}: "

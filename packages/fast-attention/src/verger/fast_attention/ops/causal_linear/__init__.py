@@ -144,15 +144,19 @@ class _CausalLinear(torch.autograd.Function):
             )
         else:
             inv = (den + ctx.eps).reciprocal()
-            g = grad_out * inv
+            g = grad_out.float() * inv
             dden = -(grad_out * out).sum(-1, keepdim=True) * inv
-            gq = g.to(q.dtype) if q.dtype != torch.float32 else g
+            # The numerator and denominator terms of dq and dk nearly cancel, so 16-bit
+            # products (bf16 keeps 8 mantissa bits) would be amplified into large relative
+            # errors: run these three products on fp32 copies with tf32 dots instead.
+            tf32 = q.dtype != torch.float32
+            qf, kf, vf = q.float(), k.float(), v.float()
             size = ctx.chunk_size
-            dq = causal_product_triton(gq, v, k, chunk_size=size)
-            dq += dden * k.float().cumsum(-2)
-            dk = causal_product_triton(v, gq, q, reverse=True, chunk_size=size)
-            dk += (dden * q.float()).flip(-2).cumsum(-2).flip(-2)
-            dv = causal_product_triton(k, q, gq, reverse=True, chunk_size=size)
+            dq = causal_product_triton(g, vf, kf, chunk_size=size, tf32=tf32)
+            dq += dden * kf.cumsum(-2)
+            dk = causal_product_triton(vf, g, qf, reverse=True, chunk_size=size, tf32=tf32)
+            dk += (dden * qf).flip(-2).cumsum(-2).flip(-2)
+            dv = causal_product_triton(kf, qf, g, reverse=True, chunk_size=size, tf32=tf32)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

@@ -91,8 +91,12 @@ def causal_product_triton(
     *,
     reverse: bool = False,
     chunk_size: int = 64,
+    tf32: bool = False,
 ) -> torch.Tensor:
-    """Triton version of ``causal_product_chunked``; returns float32 (..., N, Dv)."""
+    """Triton version of ``causal_product_chunked``; returns float32 (..., N, Dv).
+
+    fp32 inputs use IEEE fp32 dots unless ``tf32=True`` (tensor cores, ~1e-3 relative error).
+    """
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
     *batch, n, dk = a.shape
@@ -120,6 +124,6 @@ def causal_product_triton(
         BK=bk,
         BV=bv,
         REVERSE=reverse,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dtype == torch.float32 and not tf32 else "tf32",
     )
     return out.view(*batch, n, dv)

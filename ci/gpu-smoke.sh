@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# A short GPU check for a leased machine with a preinstalled torch/triton/pytest (no installs):
+# the kernel members' @pytest.mark.gpu tests, the core kernel/LM benchmark on CUDA and the
+# fast-attention Triton-vs-SDPA sweep. Output (logs, metrics.json) goes to ${OUT:-build/gpu-smoke}.
+# For the full check through nox, use ci/gpu-check.sh.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-build/gpu-smoke}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=shared/core/src:packages/fast-attention/src${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+nvidia-smi -L
+"$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+timeout 200 "$py" -m pytest shared/core/tests packages/fast-attention/tests -m gpu -q -p no:cacheprovider \
+  -o addopts="--import-mode=importlib" 2>&1 | tee "$out/tests_gpu.log" | tail -40
+tests_rc=${PIPESTATUS[0]}
+timeout 200 "$py" -m verger.core bench --quick --out "$out/core" >"$out/core_bench.log" 2>&1
+core_rc=$?
+tail -3 "$out/core_bench.log"
+timeout 150 "$py" - "$out/fast-attention" <<'PY' 2>&1 | tee "$out/fa_bench.log" | tail -20
+import sys
+from verger.core.bench import Report
+from verger.fast_attention.bench import bench_gpu
+report = Report(sys.argv[1], title="fast-attention GPU sweep (fp16 fwd+bwd)")
+bench_gpu(report, [1024, 8192, 32768], 5)
+report.write()
+import json, pathlib
+print(json.dumps(json.loads((pathlib.Path(sys.argv[1]) / "metrics.json").read_text()), indent=1))
+PY
+fa_rc=${PIPESTATUS[0]}
+for f in "$out/core/metrics.json"; do [ -f "$f" ] && cat "$f"; done
+echo "gpu-smoke: tests rc=$tests_rc core bench rc=$core_rc fa bench rc=$fa_rc"
