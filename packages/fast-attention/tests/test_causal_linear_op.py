@@ -100,6 +100,39 @@ def test_triton_product_matches_reference_fp32(n, reverse):
 
 
 @needs_triton
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(
+    "dtype, precision, tol",
+    [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32x3", 1e-5), (torch.float16, None, 2e-3)],
+)
+def test_triton_chunk_parallel_ragged_shapes(reverse, dtype, precision, tol):
+    # 5 chunks of 32 with a ragged tail of 7, Dk=20 (padded to 32), Dv=80 (two value blocks).
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(2, 3, 135, 20, generator=g).to(dtype) for _ in range(2))
+    c = torch.randn(2, 3, 135, 80, generator=g).to(dtype)
+    out = causal_product_triton(a, b, c, reverse=reverse, chunk_size=32, precision=precision)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 135, 80)
+    assert_close(out, causal_product_reference(a, b, c, reverse=reverse), rtol=tol, name="out")
+
+
+@needs_triton
+def test_triton_fp16_state_stays_fp32_past_fp16_range():
+    # Chunk states reach ~1e5 > fp16 max (65504): they must not be cast to fp16.
+    a, b, c = (60 * t for t in _features(1, 1, 160, 16, dtype=torch.float32))
+    a, b, c = (t.half() for t in (a, b, c))
+    out = causal_product_triton(a, b, c, chunk_size=16)
+    assert torch.isfinite(out).all()
+    assert_close(out, causal_product_reference(a, b, c), rtol=2e-3, name="out")
+
+
+@needs_triton
+def test_triton_rejects_unknown_precision():
+    a, b, c = _features(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="precision"):
+        causal_product_triton(a, b, c, precision="fp64")
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
 def test_triton_causal_linear_forward_backward(dtype, tol):
     q, k, v = (t.requires_grad_() for t in _features(2, 2, 45, 16, dtype=dtype))
@@ -123,12 +156,12 @@ def test_triton_on_gpu_all_dtypes(dtype):
     out = causal_linear(q, k, v)  # auto -> triton on CUDA
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = causal_linear_reference(qf, kf, vf)
-    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (qf, kf, vf), grad)
-    for a, b in zip(got, want):
-        assert_close(a.float(), b, rtol=2e-2)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a.float(), b, rtol=2e-2, name=f"d{name}")
 
 
 @pytest.mark.gpu

@@ -185,3 +185,19 @@ def test_partial_workers_scale_their_inner_lr():
     assert none.worker_inner_lr(f) == 1e-3
     with pytest.raises(ValueError, match="partial_lr_scaling="):
         DiLoCoConfig(partial_lr_scaling="linear")
+
+
+def test_count_scaled_outer_step_equals_masked_reference():
+    config = DiLoCoConfig(**CFG, outer_lr_scaling="sqrt_count", partial_lr_scaling="none")
+    plan = SubsetPlan.mlp_slices(toy_model(), 4, overlap=0.2)  # m[i] in {1, 2, 4}
+    engine = run_engine(plan, config)
+    ref = reference_diloco(
+        toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3, masks=masks_of(plan)
+    )
+    assert_models_close(engine.model, ref, 1e-6)
+    unscaled = run_engine(plan, DiLoCoConfig(**CFG, partial_lr_scaling="none"))
+    assert not torch.equal(unscaled.model.inp.weight, engine.model.inp.weight)
+    scale = config.outer_scale(torch.tensor([1.0, 2.0, 4.0]))
+    assert torch.allclose(scale, torch.tensor([0.5, 0.5**0.5, 1.0]))  # sqrt(m / W), W = 4
+    with pytest.raises(ValueError, match="outer_lr_scaling="):
+        DiLoCoConfig(outer_lr_scaling="linear")

@@ -4,6 +4,7 @@ Importing this package registers ``linear``, ``clustered`` and ``improved_cluste
 verger.core's attention registry, so ``TransformerConfig(attention="linear")`` works.
 """
 
+from verger.core import package_version
 from verger.fast_attention.clustered import (
     cluster_queries,
     clustered_attention,
@@ -32,7 +33,7 @@ from verger.fast_attention.modules import (
 )
 from verger.fast_attention.ops.causal_linear import causal_linear, causal_product
 
-__version__ = "0.1.0"
+__version__ = package_version("verger-fast-attention")
 
 register_with_core()
 

@@ -11,6 +11,7 @@ comparison.
 >>> out.loss.backward()
 """
 
+from verger.core import package_version
 from verger.maeclip.data import (
     CsvImageText,
     ImageTextCollate,
@@ -41,7 +42,7 @@ from verger.maeclip.model import (
 from verger.maeclip.towers import CaptionTokenizer, create_clip, register_model_configs
 from verger.maeclip.train import TrainConfig, TrainResult, train
 
-__version__ = "0.1.0"
+__version__ = package_version("verger-maeclip")
 
 __all__ = [
     "MAECLIP",

@@ -41,6 +41,8 @@ def _train(args: argparse.Namespace) -> int:
         outer_momentum=args.outer_momentum,
         num_fragments=args.fragments,
         compression_bits=args.bits,
+        partial_lr_scaling=args.partial_lr_scaling,
+        outer_lr_scaling=args.outer_lr_scaling,
     )
     spec = TrainSpec(
         task="lm",
@@ -113,6 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--warmup", type=int, default=10)
     train.add_argument("--outer-lr", type=float, default=0.7)
     train.add_argument("--outer-momentum", type=float, default=0.9)
+    train.add_argument(
+        "--partial-lr-scaling",
+        default="sqrt",
+        choices=["sqrt", "none"],
+        help="sqrt: a worker training a fraction f of the model uses inner lr / sqrt(f)",
+    )
+    train.add_argument(
+        "--outer-lr-scaling",
+        default="sqrt_count",
+        choices=["sqrt_count", "none"],
+        help="sqrt_count: outer step of coordinate i scaled by sqrt(m[i] / W)",
+    )
     train.add_argument("--fragments", type=int, default=1, help="> 1: streaming DiLoCo")
     train.add_argument("--bits", type=int, default=32, choices=[4, 8, 32])
     train.add_argument("--rounds", type=int, default=10)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from verger.sparse_diloco.compression import SUPPORTED_BITS, Codec
 
 LR_SCALINGS = ("sqrt", "none")
+OUTER_SCALINGS = ("none", "sqrt_count")
 
 
 @dataclass(kw_only=True)
@@ -24,6 +27,12 @@ class DiLoCoConfig:
     moves every trained coordinate by about the learning rate, so the norm of a worker's
     update grows like sqrt(trained coordinates); the rule keeps it equal to a full (DiLoCo)
     worker's. ``"none"`` uses ``inner_lr`` for every worker. DiLoCo (f = 1) is unaffected.
+
+    ``outer_lr_scaling``: ``"sqrt_count"`` scales the outer step of coordinate i by
+    sqrt(m[i] / W): an average over m[i] workers' pseudo-gradients is noisier (and less
+    shrunk by their disagreement) than DiLoCo's average over W, so coordinates trained by
+    fewer workers take proportionally smaller outer steps (default). ``"none"`` applies
+    ``outer_lr`` everywhere. DiLoCo (m[i] = W) is unaffected.
     """
 
     num_workers: int = 4
@@ -40,6 +49,7 @@ class DiLoCoConfig:
     compression_bits: int = 32
     compression_block: int = 256
     partial_lr_scaling: str = "sqrt"
+    outer_lr_scaling: str = "sqrt_count"
 
     def __post_init__(self) -> None:
         _positive_int("num_workers", self.num_workers)
@@ -76,6 +86,16 @@ class DiLoCoConfig:
             raise ValueError(
                 f"partial_lr_scaling={self.partial_lr_scaling!r} must be one of {LR_SCALINGS}"
             )
+        if self.outer_lr_scaling not in OUTER_SCALINGS:
+            raise ValueError(
+                f"outer_lr_scaling={self.outer_lr_scaling!r} must be one of {OUTER_SCALINGS}"
+            )
+
+    def outer_scale(self, counts: torch.Tensor) -> torch.Tensor | float:
+        """Per-coordinate factor on the averaged pseudo-gradient (m[i] = ``counts``)."""
+        if self.outer_lr_scaling == "none":
+            return 1.0
+        return (counts / self.num_workers).sqrt()
 
     def worker_inner_lr(self, trained_fraction: float) -> float:
         """The peak inner learning rate of a worker training ``trained_fraction`` of the model."""

@@ -196,7 +196,8 @@ class DiLoCo:
                 offset += count
         for n in names:
             counts = self.plan.counts(n).to(sums[n].device)
-            self.anchor[n].grad = sums[n] / counts.clamp_min(1.0)
+            mean = sums[n] / counts.clamp_min(1.0)
+            self.anchor[n].grad = mean * self.config.outer_scale(counts)
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         for w in self.workers.values():

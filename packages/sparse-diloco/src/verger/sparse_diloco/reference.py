@@ -86,7 +86,7 @@ def reference_diloco(
                 delta = torch.zeros_like(anchor[n])
                 for k in range(W):
                     delta += masks[k][n] * (anchor[n] - dict(locals_[k].named_parameters())[n])
-                g = delta / counts[n].clamp_min(1.0)
+                g = delta / counts[n].clamp_min(1.0) * config.outer_scale(counts[n])
                 mu = config.outer_momentum
                 momentum[n].mul_(mu).add_(g)
                 step = g + mu * momentum[n] if config.nesterov else momentum[n]

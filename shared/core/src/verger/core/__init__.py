@@ -4,8 +4,14 @@ Sub-modules are imported explicitly (``from verger.core.nn import TransformerLM`
 re-exports only the small runtime helpers so that ``import verger.core`` stays cheap.
 """
 
-from verger.core.runtime import default_device, resolve_device, seed_everything
+from verger.core.runtime import default_device, package_version, resolve_device, seed_everything
 
-__version__ = "0.1.0"
+__version__ = package_version("verger-core")
 
-__all__ = ["__version__", "default_device", "resolve_device", "seed_everything"]
+__all__ = [
+    "__version__",
+    "default_device",
+    "package_version",
+    "resolve_device",
+    "seed_everything",
+]

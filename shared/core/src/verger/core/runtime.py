@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
@@ -66,3 +67,15 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> torch.Generato
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def package_version(distribution: str) -> str:
+    """The installed version of ``distribution`` (its pyproject is the single source).
+
+    Returns ``"0+unknown"`` when the code runs from a source tree that was never installed
+    (e.g. through ``PYTHONPATH`` on a GPU host), instead of failing at import.
+    """
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "0+unknown"

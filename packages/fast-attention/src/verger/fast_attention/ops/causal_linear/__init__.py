@@ -146,17 +146,18 @@ class _CausalLinear(torch.autograd.Function):
             inv = (den + ctx.eps).reciprocal()
             g = grad_out.float() * inv
             dden = -(grad_out * out).sum(-1, keepdim=True) * inv
-            # The numerator and denominator terms of dq and dk nearly cancel, so 16-bit
-            # products (bf16 keeps 8 mantissa bits) would be amplified into large relative
-            # errors: run these three products on fp32 copies with tf32 dots instead.
-            tf32 = q.dtype != torch.float32
+            # The numerator and denominator terms of dq and dk cancel to ~1/sqrt(N) of each,
+            # so any relative error in the products is amplified: 16-bit operands (and tf32's
+            # truncated mantissas, a biased error) fail at N=1000. Run these three products on
+            # fp32 copies with 3xTF32 dots (tensor cores, ~fp32 accuracy) or IEEE for fp32.
+            prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
             qf, kf, vf = q.float(), k.float(), v.float()
             size = ctx.chunk_size
-            dq = causal_product_triton(g, vf, kf, chunk_size=size, tf32=tf32)
+            dq = causal_product_triton(g, vf, kf, chunk_size=size, precision=prec)
             dq += dden * kf.cumsum(-2)
-            dk = causal_product_triton(vf, g, qf, reverse=True, chunk_size=size, tf32=tf32)
+            dk = causal_product_triton(vf, g, qf, reverse=True, chunk_size=size, precision=prec)
             dk += (dden * qf).flip(-2).cumsum(-2).flip(-2)
-            dv = causal_product_triton(kf, qf, g, reverse=True, chunk_size=size, tf32=tf32)
+            dv = causal_product_triton(kf, qf, g, reverse=True, chunk_size=size, precision=prec)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
