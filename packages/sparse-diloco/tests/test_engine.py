@@ -195,8 +195,11 @@ def test_count_scaled_outer_step_equals_masked_reference():
         toy_model(), config, loss_fn=toy_loss, data=ToyData(), rounds=3, masks=masks_of(plan)
     )
     assert_models_close(engine.model, ref, 1e-6)
-    unscaled = run_engine(plan, DiLoCoConfig(**CFG, partial_lr_scaling="none"))
-    assert not torch.equal(unscaled.model.inp.weight, engine.model.inp.weight)
+    unscaled = run_engine(
+        plan, DiLoCoConfig(**CFG, partial_lr_scaling="none", outer_lr_scaling="none")
+    )
+    mlp = "blocks.0.mlp.w_up.weight"
+    assert not torch.equal(unscaled.model.get_parameter(mlp), engine.model.get_parameter(mlp))
     scale = config.outer_scale(torch.tensor([1.0, 2.0, 4.0]))
     assert torch.allclose(scale, torch.tensor([0.5, 0.5**0.5, 1.0]))  # sqrt(m / W), W = 4
     with pytest.raises(ValueError, match="outer_lr_scaling="):

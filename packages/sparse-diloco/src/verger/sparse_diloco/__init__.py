@@ -5,6 +5,7 @@ quarter of every MLP's hidden units) with a full forward pass; an outer Nesterov
 averages each coordinate's pseudo-gradient over the workers that trained it.
 """
 
+from verger.core import package_version
 from verger.sparse_diloco.compression import Codec
 from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
@@ -19,7 +20,7 @@ from verger.sparse_diloco.transport import (
     WorkerLostError,
 )
 
-__version__ = "0.1.0"
+__version__ = package_version("verger-sparse-diloco")
 
 __all__ = [
     "BatchSource",
