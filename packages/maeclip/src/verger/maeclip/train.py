@@ -120,6 +120,19 @@ class StepBatchSampler(Sampler[list[int]]):
             yield perm[b : b + local].tolist()
 
 
+def _step_sampler(n: int, cfg: TrainConfig, rank: int, world: int, start: int) -> StepBatchSampler:
+    """This rank's share of each step's global batch, resumable at step ``start``."""
+    return StepBatchSampler(
+        n,
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        start=start,
+    )
+
+
 def _batches(
     dataset: Dataset,
     tokenizer: CaptionTokenizer,
@@ -130,16 +143,7 @@ def _batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     collate = ImageTextCollate(tokenizer)
     if isinstance(dataset, ImageTextSet):  # in memory: index directly, no worker overhead
-        sampler = StepBatchSampler(
-            len(dataset),
-            batch_size=cfg.batch_size,
-            steps=cfg.steps,
-            seed=cfg.seed,
-            rank=rank,
-            world=world,
-            start=start,
-        )
-        for idx in sampler:
+        for idx in _step_sampler(len(dataset), cfg, rank, world, start):
             yield dataset.images[idx], tokenizer([dataset.captions[i] for i in idx])
     elif isinstance(dataset, IterableDataset):  # streamed shards: cycle epochs
         epoch = 0
@@ -161,15 +165,7 @@ def _batches(
                 raise ValueError("the streamed dataset yields fewer pairs than one batch per rank")
             epoch += 1
     else:
-        sampler = StepBatchSampler(
-            len(dataset),  # type: ignore[arg-type]
-            batch_size=cfg.batch_size,
-            steps=cfg.steps,
-            seed=cfg.seed,
-            rank=rank,
-            world=world,
-            start=start,
-        )
+        sampler = _step_sampler(len(dataset), cfg, rank, world, start)  # type: ignore[arg-type]
         yield from DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers
         )

@@ -26,7 +26,6 @@ from verger.sparse_diloco.partial import (
     PartialLinear,
     build_worker_model,
     merge_slices,
-    trainable_parameters,
 )
 
 ZERO_STAGES = (1, 2)
@@ -61,26 +60,15 @@ class DeepSpeedDiLoCo(DiLoCo):
         from verger.core.distributed.deepspeed import build_engine
 
         local = build_worker_model(self.model, self.plan, k, standalone=True)
-        c = self.config
-        opt = torch.optim.AdamW(
-            trainable_parameters(local),
-            lr=c.worker_inner_lr(self.plan.trained_fraction(k)),
-            betas=c.inner_betas,
-            weight_decay=c.inner_weight_decay,
-            foreach=False,
-        )
-        warm = c.inner_warmup
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
-        )
+        opt, sched = self.inner_optimizer(local, k)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,  # nominal: batches come from data.batch
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": self.zero_stage},
             "steps_per_print": 10**9,
         }
-        if c.grad_clip is not None:
-            ds_config["gradient_clipping"] = c.grad_clip
+        if self.config.grad_clip is not None:
+            ds_config["gradient_clipping"] = self.config.grad_clip
         engine = build_engine(local, ds_config, optimizer=opt, lr_scheduler=sched)
         self.engines[k] = engine
         return Worker(index=k, model=engine.module, optimizer=opt, scheduler=sched)

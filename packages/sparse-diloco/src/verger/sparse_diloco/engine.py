@@ -109,6 +109,13 @@ class DiLoCo:
     def make_worker(self, k: int) -> Worker:
         """A fresh worker ``k`` (local model from the current anchor, new AdamW state)."""
         local = build_worker_model(self.model, self.plan, k)
+        opt, sched = self.inner_optimizer(local, k)
+        return Worker(index=k, model=local, optimizer=opt, scheduler=sched)
+
+    def inner_optimizer(
+        self, local: nn.Module, k: int
+    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        """Worker ``k``'s AdamW over its trainable subset, with the linear inner warm-up."""
         c = self.config
         opt = torch.optim.AdamW(
             trainable_parameters(local),
@@ -121,7 +128,7 @@ class DiLoCo:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
         )
-        return Worker(index=k, model=local, optimizer=opt, scheduler=sched)
+        return opt, sched
 
     # ---- inner steps ----------------------------------------------------------------------
     def inner_step(self, worker: Worker) -> float:
