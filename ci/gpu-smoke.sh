@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-smoke}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=shared/core/src:packages/fast-attention/src${PYTHONPATH:+:$PYTHONPATH}
+# flash-linear-attention for the comparison: `bash ci/gpu-deps.sh` here, then carry build/gpu-deps.
+[ -d build/gpu-deps ] && export PYTHONPATH=$PYTHONPATH:$PWD/build/gpu-deps
 py=${PYTHON:-python3}
 nvidia-smi -L
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -28,5 +30,20 @@ import json, pathlib
 print(json.dumps(json.loads((pathlib.Path(sys.argv[1]) / "metrics.json").read_text()), indent=1))
 PY
 fa_rc=${PIPESTATUS[0]}
+# Where the time goes in one fp16 fwd+bwd at 32k tokens (kernel table, CUDA time).
+timeout 90 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -25
+import torch
+from torch.profiler import ProfilerActivity, profile
+from verger.fast_attention import linear_attention
+q, k, v = (torch.randn(1, 8, 32768, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
+step = lambda: linear_attention(q, k, v, causal=True).sum().backward()
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+PY
 for f in "$out/core/metrics.json"; do [ -f "$f" ] && cat "$f"; done
 echo "gpu-smoke: tests rc=$tests_rc core bench rc=$core_rc fa bench rc=$fa_rc"

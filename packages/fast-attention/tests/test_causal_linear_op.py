@@ -92,27 +92,59 @@ def test_bad_inputs_raise_clear_errors():
 
 @needs_triton
 @pytest.mark.parametrize("n", [1, 37, 100])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_triton_product_matches_reference_fp32(n, reverse):
+def test_triton_product_matches_reference_fp32(n):
     a, b, c = _features(2, 2, n, 16)
-    out = causal_product_triton(a, b, c, reverse=reverse, chunk_size=16)
-    assert_close(out, causal_product_reference(a, b, c, reverse=reverse), rtol=1e-5)
+    out = causal_product_triton(a, b, c, chunk_size=16)
+    assert_close(out, causal_product_reference(a, b, c), rtol=1e-5)
+
+
+def _grads_vs_reference(fn, ref_fn, q, k, v, **kwargs):
+    out = fn(q, k, v, **kwargs)
+    qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ref_fn(qf, kf, vf)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    return out, ref, got, want
 
 
 @needs_triton
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize(
-    "dtype, precision, tol",
-    [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32x3", 1e-5), (torch.float16, None, 2e-3)],
+    "shape, chunk",
+    [
+        ((2, 3, 135, 20, 80), 32),  # 5 chunks with a ragged tail, Dk padded, Dv in 2 blocks
+        ((1, 2, 70, 100, 130), 64),  # head dims > 64: blocked reductions, shorter chunks
+    ],
 )
-def test_triton_chunk_parallel_ragged_shapes(reverse, dtype, precision, tol):
-    # 5 chunks of 32 with a ragged tail of 7, Dk=20 (padded to 32), Dv=80 (two value blocks).
+def test_triton_forward_backward_ragged_and_wide(normalize, shape, chunk):
+    b, h, n, dk, dv = shape
     g = torch.Generator().manual_seed(1)
-    a, b = (torch.rand(2, 3, 135, 20, generator=g).to(dtype) for _ in range(2))
-    c = torch.randn(2, 3, 135, 80, generator=g).to(dtype)
-    out = causal_product_triton(a, b, c, reverse=reverse, chunk_size=32, precision=precision)
-    assert out.dtype == torch.float32 and out.shape == (2, 3, 135, 80)
-    assert_close(out, causal_product_reference(a, b, c, reverse=reverse), rtol=tol, name="out")
+    q, k = (torch.rand(b, h, n, dk, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=g).requires_grad_()
+    fn, ref_fn = (causal_linear, causal_linear_reference) if normalize else (
+        causal_product, causal_product_reference)  # fmt: skip
+    out, ref, got, want = _grads_vs_reference(
+        fn, ref_fn, q, k, v, backend="triton", chunk_size=chunk
+    )
+    assert out.dtype == torch.float32 and out.shape == (b, h, n, dv)
+    assert_close(out, ref.float(), rtol=1e-5, name="out")
+    for name, a, w in zip("qkv", got, want):
+        assert_close(a, w.float(), rtol=1e-5, name=f"d{name}")
+
+
+@needs_triton
+def test_triton_fp16_long_sequence_gradients_survive_the_cancellation():
+    # The inter-chunk terms of dq and dk grow with N and cancel to ~sqrt(N): the kernels must
+    # form them from fp32 states (16 chunks here), not from 16-bit operands.
+    q, k, v = (t.half().requires_grad_() for t in _features(1, 2, 1024, 16, seed=5))
+    out, ref, got, want = _grads_vs_reference(
+        causal_linear, causal_linear_reference, q, k, v, backend="triton", chunk_size=64
+    )
+    assert_close(out, ref.float(), rtol=2e-3, name="out")
+    for name, a, w in zip("qkv", got, want):
+        assert a.dtype == torch.float16
+        assert_close(a.float(), w.float(), rtol=1e-2, name=f"d{name}")
 
 
 @needs_triton
@@ -126,26 +158,25 @@ def test_triton_fp16_state_stays_fp32_past_fp16_range():
 
 
 @needs_triton
-def test_triton_rejects_unknown_precision():
+def test_triton_rejects_unknown_precision_and_dtype():
     a, b, c = _features(1, 1, 8, 16)
     with pytest.raises(ValueError, match="precision"):
         causal_product_triton(a, b, c, precision="fp64")
+    with pytest.raises(TypeError, match="float64"):
+        causal_linear(a.double(), b.double(), c.double(), backend="triton")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
 def test_triton_causal_linear_forward_backward(dtype, tol):
     q, k, v = (t.requires_grad_() for t in _features(2, 2, 45, 16, dtype=dtype))
-    out = causal_linear(q, k, v, backend="triton", chunk_size=16)
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = causal_linear_reference(qf, kf, vf)
-    assert_close(out, ref, rtol=tol, name="out")
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    out, ref, got, want = _grads_vs_reference(
+        causal_linear, causal_linear_reference, q, k, v, backend="triton", chunk_size=16
+    )
+    assert_close(out, ref.float(), rtol=tol, name="out")
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
-        assert_close(a.float(), b, rtol=tol, name=f"d{name}")
+        assert_close(a.float(), b.float(), rtol=tol, name=f"d{name}")
 
 
 @pytest.mark.gpu
@@ -174,3 +205,13 @@ def test_triton_matches_flash_linear_attention_if_installed():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0, normalize=False
     )[0].transpose(1, 2)
     assert_close(ours, theirs.float(), rtol=5e-3)
+
+
+def test_auto_backend_picks_triton_on_cuda_only_for_head_dims_it_tiles():
+    from verger.fast_attention.ops.causal_linear import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, 64) == ("triton" if HAS_TRITON else "torch")
+    assert resolve_backend("auto", cuda, 300) == "torch"  # e.g. 300 clusters as features
+    assert resolve_backend("auto", cpu, 64) == "torch"
+    assert resolve_backend("triton", cpu, 300) == "triton"  # explicit choices are kept

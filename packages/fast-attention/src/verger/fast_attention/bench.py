@@ -229,34 +229,40 @@ def bench_flops_efficiency(report: Report, n: int, device: torch.device, repeats
     report.metric("causal_linear_flops_efficiency", achieved / peak)
 
 
+def _fla_causal_linear() -> Callable[..., torch.Tensor] | None:
+    """flash-linear-attention's chunked kernel with the same elu+1 map, on its (B, T, H, D)."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return None
+
+    def fla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = chunk_linear_attn(F.elu(q) + 1, F.elu(k) + 1, v, scale=1.0, normalize=True)
+        return out[0] if isinstance(out, tuple) else out
+
+    return fla_attn
+
+
 def bench_gpu(report: Report, sizes: list[int], repeats: int) -> None:
-    """CUDA: Triton kernel vs flash-linear-attention (if installed) and SDPA, fp16 fwd+bwd."""
+    """CUDA, fp16 fwd+bwd: the Triton kernel vs SDPA (flash) and, when installed,
+    flash-linear-attention's ``chunk_linear_attn`` on its native (B, T, H, D) layout."""
+    fla_attn = _fla_causal_linear()
+    report.metric("gpu_fla_installed", fla_attn is not None)
     for n in sizes:
         q, k, v = (t.half().detach().requires_grad_() for t in _qkv(n, torch.device("cuda")))
         fns: dict[str, Callable[[], None]] = {
             "ours": _fwdbwd(_causal_linear, [q, k, v]),
             "sdpa": _fwdbwd(_sdpa_causal, [q, k, v]),
         }
-        try:
-            from fla.ops.linear_attn import chunk_linear_attn
-
-            def fla_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                out = chunk_linear_attn(
-                    (F.elu(q) + 1).transpose(1, 2),
-                    (F.elu(k) + 1).transpose(1, 2),
-                    v.transpose(1, 2),
-                    scale=1.0,
-                    normalize=True,
-                )
-                return out[0] if isinstance(out, tuple) else out
-
-            fns["fla"] = _fwdbwd(fla_attn, [q, k, v])
-        except ImportError:
-            pass
+        if fla_attn is not None:
+            native = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+            fns["fla"] = _fwdbwd(fla_attn, native)
         med = _timing(fns, repeats)
         report.metric(f"gpu_causal_linear_fwdbwd_ms_n{n}", med["ours"] * 1e3)
+        report.metric(f"gpu_sdpa_causal_fwdbwd_ms_n{n}", med["sdpa"] * 1e3)
         report.metric(f"gpu_causal_linear_speedup_vs_sdpa_n{n}", med["sdpa"] / med["ours"])
         if "fla" in med:
+            report.metric(f"gpu_fla_fwdbwd_ms_n{n}", med["fla"] * 1e3)
             report.metric(f"gpu_causal_linear_speedup_vs_fla_n{n}", med["fla"] / med["ours"])
 
 

@@ -14,7 +14,7 @@ import torch
 
 from verger.fast_attention._checks import check_padding_mask, check_qkv
 from verger.fast_attention.feature_maps import FeatureMap, compute_dtype, get_feature_map
-from verger.fast_attention.ops.causal_linear import causal_linear
+from verger.fast_attention.ops.causal_linear import causal_linear, resolve_backend
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
 
@@ -75,6 +75,11 @@ def linear_attention(
     dtype = compute_dtype(v.dtype)
     vv = v.to(dtype)
     if causal:
+        widest = max(qf.shape[-1], v.shape[-1])
+        low = v.dtype in (torch.float16, torch.bfloat16)
+        if low and resolve_backend(backend, v.device, widest) == "triton":
+            # 16-bit features feed the tensor cores (fp32 accumulation), like the inputs.
+            qf, kf, vv = qf.to(v.dtype), kf.to(v.dtype), v
         out = causal_linear(qf, kf, vv, eps=float(eps), backend=backend, chunk_size=chunk_size)
     else:
         num = qf @ (kf.mT @ vv)

@@ -22,7 +22,13 @@ from verger.fast_attention.ops.causal_linear.reference import (
     causal_linear_reference,
     causal_product_reference,
 )
-from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON, causal_product_triton
+from verger.fast_attention.ops.causal_linear.triton import (
+    HAS_TRITON,
+    MAX_HEAD_DIM,
+    causal_linear_backward_triton,
+    causal_linear_forward_triton,
+    causal_product_triton,
+)
 
 __all__ = [
     "BACKENDS",
@@ -38,12 +44,14 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` picks Triton on CUDA when it is installed, the chunked torch path otherwise."""
+def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
+    """``auto`` picks Triton on CUDA when it is installed and the head dims fit its tiles
+    (``head_dim`` <= 256), the chunked torch path otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+        fits = head_dim <= MAX_HEAD_DIM
+        return "triton" if device.type == "cuda" and HAS_TRITON and fits else "torch"
     return backend
 
 
@@ -60,17 +68,16 @@ class _CausalProduct(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.backend, ctx.chunk_size = backend, chunk_size
         if backend == "triton":
-            return causal_product_triton(q, k, v, chunk_size=chunk_size)
+            return causal_linear_forward_triton(q, k, v, normalize=False, chunk_size=chunk_size)[0]
         return causal_product_chunked(q, k, v, chunk_size=chunk_size)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
         if ctx.backend == "triton":
-            go = grad_out.to(q.dtype) if q.dtype != torch.float32 else grad_out
-            dq = causal_product_triton(go, v, k, chunk_size=ctx.chunk_size)
-            dk = causal_product_triton(v, go, q, reverse=True, chunk_size=ctx.chunk_size)
-            dv = causal_product_triton(k, q, go, reverse=True, chunk_size=ctx.chunk_size)
+            dq, dk, dv = causal_linear_backward_triton(
+                q, k, v, None, None, grad_out, chunk_size=ctx.chunk_size
+            )
         else:
             dq, dk, dv = causal_product_backward_chunked(
                 q, k, v, grad_out, chunk_size=ctx.chunk_size
@@ -93,7 +100,7 @@ def causal_product(
     (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``reference`` (naive O(N²)).
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device)
+    resolved = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if resolved == "reference":
         return causal_product_reference(q, k, v)
     if resolved == "triton" and q.dtype == torch.float64:
@@ -126,9 +133,7 @@ class _CausalLinear(torch.autograd.Function):
         chunk_size: int,
     ) -> torch.Tensor:
         if backend == "triton":
-            num = causal_product_triton(q, k, v, chunk_size=chunk_size)
-            den = (q.float() * k.float().cumsum(-2)).sum(-1, keepdim=True)
-            out = num / (den + eps)
+            out, den = causal_linear_forward_triton(q, k, v, eps=eps, chunk_size=chunk_size)
         else:
             out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
         ctx.save_for_backward(q, k, v, out, den)
@@ -138,26 +143,14 @@ class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, den = ctx.saved_tensors
-        if ctx.backend != "triton":
+        if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
+            dq, dk, dv = causal_linear_backward_triton(
+                q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size
+            )
+        else:
             dq, dk, dv = causal_linear_backward_chunked(
                 q, k, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
             )
-        else:
-            inv = (den + ctx.eps).reciprocal()
-            g = grad_out.float() * inv
-            dden = -(grad_out * out).sum(-1, keepdim=True) * inv
-            # The numerator and denominator terms of dq and dk cancel to ~1/sqrt(N) of each,
-            # so any relative error in the products is amplified: 16-bit operands (and tf32's
-            # truncated mantissas, a biased error) fail at N=1000. Run these three products on
-            # fp32 copies with 3xTF32 dots (tensor cores, ~fp32 accuracy) or IEEE for fp32.
-            prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
-            qf, kf, vf = q.float(), k.float(), v.float()
-            size = ctx.chunk_size
-            dq = causal_product_triton(g, vf, kf, chunk_size=size, precision=prec)
-            dq += dden * kf.cumsum(-2)
-            dk = causal_product_triton(vf, g, qf, reverse=True, chunk_size=size, precision=prec)
-            dk += (dden * qf).flip(-2).cumsum(-2).flip(-2)
-            dv = causal_product_triton(kf, qf, g, reverse=True, chunk_size=size, precision=prec)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
@@ -175,7 +168,7 @@ def causal_linear(
     Returns float32 (float64 for float64 inputs); see ``causal_product`` for ``backend``.
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device)
+    resolved = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
     if resolved == "reference":
         return causal_linear_reference(q, k, v, eps)
     if resolved == "triton" and q.dtype == torch.float64:

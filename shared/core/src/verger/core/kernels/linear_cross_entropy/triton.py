@@ -44,6 +44,11 @@ def _ce_loss_grad_kernel(
             tl.store(ptr + cols, g * keep, mask=cols < V)
 
 
+def block_v_for(v: int) -> int:
+    """Vocabulary tile of the kernel: the whole row up to 4096 columns, then a loop."""
+    return min(next_power_of_2(v), 4096)
+
+
 @torch.compiler.disable
 def ce_loss_grad_(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, compute_grad: bool
@@ -52,7 +57,7 @@ def ce_loss_grad_(
     c, v = logits.shape
     loss = torch.empty(c, device=logits.device, dtype=torch.float32)
     if c:
-        block = min(next_power_of_2(v), 4096)
+        block = block_v_for(v)
         _ce_loss_grad_kernel[(c,)](
             logits, targets, loss, v, ignore_index,
             COMPUTE_GRAD=compute_grad, BLOCK_V=block, num_warps=num_warps_for(block),

@@ -47,6 +47,17 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
 
 
+def bwd_num_warps_for(block: int) -> int:
+    """Warps of the backward kernel, which needs ~9 registers per element a thread holds.
+
+    At ``BLOCK_N=8192`` the 16 warps of :func:`num_warps_for` give each thread 16 elements
+    under a 128-register cap (512 threads), and ptxas spills (sm_80: 128 regs, 132 B spill
+    stores without 16-divisible N; 115-123 regs with it, little margin). 32 warps halve the
+    elements per thread: ~64 regs, no spills on sm_80/sm_90.
+    """
+    return 32 if block >= 8192 else num_warps_for(block)
+
+
 @torch.compiler.disable
 def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     """Forward on a contiguous [M, N] input: returns (y, rstd[M] fp32)."""
@@ -74,8 +85,9 @@ def rms_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd
     rows_per_program = -(-m // programs) if m else 1
     partial = torch.zeros(programs, n, device=x2d.device, dtype=torch.float32)
     if m:
+        block = next_power_of_2(n)
         _rms_norm_bwd_kernel[(programs,)](
             dy, x2d, weight, rstd, dx, partial, m, n, rows_per_program,
-            BLOCK_N=next_power_of_2(n), num_warps=num_warps_for(next_power_of_2(n)),
+            BLOCK_N=block, num_warps=bwd_num_warps_for(block),
         )  # fmt: skip
     return dx, partial.sum(0)
