@@ -197,6 +197,25 @@ def test_triton_on_gpu_all_dtypes(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, dim", [(32768, 64), (4096, 128), (2000, 256)])
+def test_triton_on_gpu_long_sequences_and_wide_heads(dtype, n, dim):
+    # Against the fp32 chunked torch path on the same GPU: at 32k tokens the inter-chunk dq/dk
+    # terms cancel to ~1/180 of their size, the case that needs fp32 states and 3xTF32.
+    q, k, v = (t.cuda().to(dtype).requires_grad_() for t in _features(1, 4, n, dim, seed=7))
+    out = causal_linear(q, k, v)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = causal_linear(qf, kf, vf, backend="torch")
+    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a.float(), b, rtol=3e-2, name=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_matches_flash_linear_attention_if_installed():
     fla = pytest.importorskip("fla.ops.linear_attn")
     q, k, v = (t.cuda().half() for t in _features(1, 4, 2048, 64))
@@ -215,3 +234,11 @@ def test_auto_backend_picks_triton_on_cuda_only_for_head_dims_it_tiles():
     assert resolve_backend("auto", cuda, 300) == "torch"  # e.g. 300 clusters as features
     assert resolve_backend("auto", cpu, 64) == "torch"
     assert resolve_backend("triton", cpu, 300) == "triton"  # explicit choices are kept
+    assert resolve_backend("auto", cuda, 64, 70000) == "torch"  # batch*heads > grid axis
+
+
+@needs_triton
+def test_triton_rejects_batch_heads_beyond_the_grid_limit():
+    q = torch.rand(70000, 1, 2, 4)
+    with pytest.raises(ValueError, match="batch\\*heads"):
+        causal_product_triton(q, q, q)

@@ -11,7 +11,8 @@ attention with one-hot query features, so it reuses the chunked ``causal_linear`
 Caveat: cluster membership and centroids are computed from all queries of the sequence, so
 the weights (never the values) at position i depend on later queries.
 
-Everything is pure torch (vectorized, batched matmuls and gathers) on CPU and GPU.
+On CUDA the Hamming k-means assignment and the exact top-k products run as Triton kernels
+(``ops.clustering``, ``ops.gathered_attention``); on CPU as batched torch matmuls and gathers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from verger.fast_attention._checks import check_padding_mask, check_positive_int
 from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops.causal_linear import causal_linear
 from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
+from verger.fast_attention.ops.gathered_attention import gathered_attention
 
 __all__ = ["cluster_queries", "clustered_attention", "clustered_attention_from_clusters"]
 
@@ -94,15 +96,22 @@ def _topk_exact(
     allowed: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Per query, softmax over its top-k keys ``top_idx`` (G, n, kk), exact scores; (G, n, Dv)."""
-    kq, vq = _rows(k3, top_idx), _rows(v3, top_idx)
-    logits = torch.einsum("gnd,gnkd->gnk", q3, kq) * scale
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(logits, -1)
-    if allowed is not None:  # a query that may see none of its top-k keys gets no exact part
-        p = torch.where(allowed.any(-1, keepdim=True), p, 0.0)
-    return torch.einsum("gnk,gnkd->gnd", p, vq)
+    """Per query, softmax over its own top-k keys ``top_idx`` (G, n, kk): each query is a block
+    of one for ``gathered_attention``. A query allowed none of its keys gets zeros."""
+    g, n, d = q3.shape
+    key_rows = _flat_rows(top_idx, k3.shape[1]).reshape(g * n, -1)
+    ok = None if allowed is None else allowed.reshape(g * n, -1)
+    out = gathered_attention(
+        q3.reshape(g * n, 1, d), k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]), key_rows, ok,
+        scale=scale,
+    )  # fmt: skip
+    return out.view(g, n, -1)
+
+
+def _flat_rows(idx: torch.Tensor, rows_per_group: int) -> torch.Tensor:
+    """Indices into group g's rows (G, ...) as rows of the flattened (G·M, ·) tensor."""
+    offsets = torch.arange(idx.shape[0], device=idx.device) * rows_per_group
+    return idx + offsets.view(-1, *([1] * (idx.dim() - 1)))
 
 
 def clustered_attention_from_clusters(
@@ -175,22 +184,23 @@ def _block_layout(a3: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.
 def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale):  # type: ignore[no-untyped-def]
     """Exact softmax of each query over its cluster's top-k keys, computed block by block.
 
-    Each query row is copied once into its cluster's block instead of copying k key and value
-    rows per query, which is what makes improved clustered attention fast on CPU.
+    Each query row is copied once into its cluster's block, and every block attends to its
+    cluster's keys (``gathered_attention``: Triton on CUDA, gathered copies + bmm on CPU)
+    instead of copying k key and value rows per query.
     """
     g, n, d = q3.shape
     clusters, kk = top_idx.shape[1], top_idx.shape[2]
     rows, block_cluster, width = _block_layout(a3, clusters)
     nb = block_cluster.shape[1]
-    k_top = _rows(_rows(k3, top_idx).view(g, clusters, kk * d), block_cluster)
-    v_top = _rows(_rows(v3, top_idx).view(g, clusters, -1), block_cluster)
+    per_block = block_cluster[..., None].expand(g, nb, kk)
+    key_rows = _flat_rows(top_idx.gather(1, per_block), k3.shape[1]).reshape(g * nb, kk)
+    ok = None if key_ok is None else key_ok.gather(1, per_block).reshape(g * nb, kk)
     q_blk = q3.new_zeros(g * nb * width, d).index_copy(0, rows, q3.reshape(g * n, d))
-    logits = torch.bmm(q_blk.view(g * nb, width, d), k_top.view(g * nb, kk, d).mT) * scale
-    if key_ok is not None:
-        ok = _rows(key_ok, block_cluster).view(g * nb, 1, kk)
-        logits = logits.masked_fill(~ok, float("-inf"))
-    out = torch.bmm(torch.softmax(logits, -1), v_top.view(g * nb, kk, -1))
-    return out.view(g * nb * width, -1).index_select(0, rows).view(g, n, -1)
+    out = gathered_attention(
+        q_blk.view(g * nb, width, d), k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]),
+        key_rows, ok, scale=scale,
+    )  # fmt: skip
+    return out.reshape(g * nb * width, -1).index_select(0, rows).view(g, n, -1)
 
 
 def _products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]

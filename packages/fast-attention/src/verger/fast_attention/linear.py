@@ -7,6 +7,7 @@ kernel; its normalizer is a cumulative sum of φ(K), which costs O(N·D).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +76,9 @@ def linear_attention(
     dtype = compute_dtype(v.dtype)
     vv = v.to(dtype)
     if causal:
-        widest = max(qf.shape[-1], v.shape[-1])
+        launch = (max(qf.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
         low = v.dtype in (torch.float16, torch.bfloat16)
-        if low and resolve_backend(backend, v.device, widest) == "triton":
+        if low and resolve_backend(backend, v.device, *launch) == "triton":
             # 16-bit features feed the tensor cores (fp32 accumulation), like the inputs.
             qf, kf, vv = qf.to(v.dtype), kf.to(v.dtype), v
         out = causal_linear(qf, kf, vv, eps=float(eps), backend=backend, chunk_size=chunk_size)

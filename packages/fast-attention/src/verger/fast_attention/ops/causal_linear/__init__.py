@@ -7,6 +7,7 @@ only (N, D)-sized tensors, and the backward recomputes chunk states.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from verger.fast_attention.ops.causal_linear.reference import (
 )
 from verger.fast_attention.ops.causal_linear.triton import (
     HAS_TRITON,
+    MAX_GRID_Z,
     MAX_HEAD_DIM,
     causal_linear_backward_triton,
     causal_linear_forward_triton,
@@ -44,13 +46,15 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 
-def resolve_backend(backend: str, device: torch.device, head_dim: int = 0) -> str:
-    """``auto`` picks Triton on CUDA when it is installed and the head dims fit its tiles
-    (``head_dim`` <= 256), the chunked torch path otherwise."""
+def resolve_backend(
+    backend: str, device: torch.device, head_dim: int = 0, batch_heads: int = 0
+) -> str:
+    """``auto`` picks Triton on CUDA when it is installed and the shapes fit its launch
+    (``head_dim`` <= 256, ``batch_heads`` <= 65535), the chunked torch path otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        fits = head_dim <= MAX_HEAD_DIM
+        fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z
         return "triton" if device.type == "cuda" and HAS_TRITON and fits else "torch"
     return backend
 
@@ -100,13 +104,18 @@ def causal_product(
     (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``reference`` (naive O(N²)).
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
+    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v))
     if resolved == "reference":
         return causal_product_reference(q, k, v)
     if resolved == "triton" and q.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32/float16/bfloat16 inputs, not float64")
     size = chunk_size or (64 if resolved == "triton" else DEFAULT_CHUNK_SIZE)
     return _CausalProduct.apply(q, k, v, resolved, size)
+
+
+def _launch_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """(widest head dim, batch*heads): what decides whether the Triton launch fits."""
+    return max(q.shape[-1], v.shape[-1]), math.prod(q.shape[:-2])
 
 
 def _check_shapes(
@@ -168,7 +177,7 @@ def causal_linear(
     Returns float32 (float64 for float64 inputs); see ``causal_product`` for ``backend``.
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device, max(q.shape[-1], v.shape[-1]))
+    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v))
     if resolved == "reference":
         return causal_linear_reference(q, k, v, eps)
     if resolved == "triton" and q.dtype == torch.float64:

@@ -30,6 +30,7 @@ FMA units, which spills registers at these tile sizes and is many times slower).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover - triton is optional at import
     HAS_TRITON = False
 
 MAX_HEAD_DIM = 256
+MAX_GRID_Z = 65535  # batch*heads rides on a grid axis limited to this
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 DEFAULT_CHUNK = 64
 
@@ -83,8 +85,8 @@ if HAS_TRITON:
     ):
         """states[c] = [B_cᵀ C_c, Σ_t B_t] (forward) or [B_cᵀ (C_c / d), −Σ_t (w_t / d_t) B_t]
         (backward, ``GRAD``), for one (key block, value block) of one chunk."""
-        pid_kv = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        pid_kv = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         n_vblocks = tl.cdiv(dv, BV)
         kb = pid_kv // n_vblocks
@@ -179,8 +181,8 @@ if HAS_TRITON:
 
         The key dimension is reduced in blocks of ``BK``, so registers do not grow with it.
         """
-        pid_v = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        pid_v = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         offs_t = tl.arange(0, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
@@ -241,8 +243,8 @@ if HAS_TRITON:
     ):
         """dq_i = (Σ_{j≤i, same chunk} (do_i·v_j − w_i) k_j + S_c do_i − w_i z_c) / d_i for one
         key block; the value dimension is reduced in blocks of ``BV``."""
-        pid_k = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        pid_k = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         offs_t = tl.arange(0, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
@@ -299,8 +301,8 @@ if HAS_TRITON:
     ):
         """dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i for one key block: the intra-chunk part plus the
         reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks."""
-        pid_k = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        pid_k = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         offs_t = tl.arange(0, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
@@ -356,8 +358,8 @@ if HAS_TRITON:
         STATE_PRECISION: tl.constexpr,
     ):
         """dv_j = Σ_{i≥j} (q_i·k_j) g_i for one value block: intra-chunk + later chunks."""
-        pid_v = tl.program_id(0)
-        chunk = tl.program_id(1)
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        pid_v = tl.program_id(1)
         bh = tl.program_id(2).to(tl.int64)
         offs_t = tl.arange(0, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
@@ -402,6 +404,14 @@ def _next_pow2(x: int) -> int:
     return 1 << (max(x, 1) - 1).bit_length()
 
 
+def _device_arch(device: torch.device) -> int:
+    """Compute capability as an int (90 for H100); 90 off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 class _Plan:
     """Tile sizes, launch settings and dot precisions for one (shape, dtype) call."""
 
@@ -412,6 +422,7 @@ class _Plan:
         chunk_size: int,
         precision: str | None,
         normalize: bool = True,
+        arch: int | None = None,
     ):
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
@@ -427,6 +438,12 @@ class _Plan:
             raise ValueError(
                 f"the triton kernel supports head dims <= {MAX_HEAD_DIM}, got {self.dk}/{self.dv}"
             )
+        bh = math.prod(self.batch)
+        if bh > MAX_GRID_Z:
+            raise ValueError(
+                f"the triton kernel runs batch*heads <= {MAX_GRID_Z} (a CUDA grid axis), got "
+                f"{bh}; use backend='torch' or split the batch"
+            )
         self.dtype = q.dtype
         low = q.dtype in (torch.float16, torch.bfloat16)
         # 16-bit dots use the tensor cores whatever the setting; fp32 dots follow `precision`.
@@ -437,8 +454,15 @@ class _Plan:
         # shorter chunks for wider heads, so registers stay bounded up to MAX_HEAD_DIM.
         self.bk = min(max(16, _next_pow2(self.dk)), 64)
         self.bv = min(max(16, _next_pow2(self.dv)), 64)
+        # Chunk length: the register budget decides. On sm_90 64 positions fit at head dim 64;
+        # Ampere's mma.sync lowering of the 3xTF32 dots needs 32 (at 64, ptxas falls back to
+        # 32 registers and spills kilobytes). See tests/test_kernel_resources.py.
+        self.arch = arch if arch is not None else _device_arch(q.device)
         widest = max(self.dk, self.dv)
-        cap = 64 if widest <= 64 else (32 if widest <= 128 else 16)
+        if self.arch >= 90:
+            cap = 64 if widest <= 64 else (32 if widest <= 128 else 16)
+        else:
+            cap = 32 if widest <= 64 else 16
         self.bt = max(16, min(_next_pow2(chunk_size), cap))
         self.k_blocks = triton.cdiv(self.dk, self.bk)
         self.v_blocks = triton.cdiv(self.dv, self.bv)
@@ -481,7 +505,7 @@ class _Plan:
             "dq": self.k_blocks,
             "dk": self.k_blocks,
         }[kernel]
-        return (blocks, self.n_chunks, bh)
+        return (self.n_chunks, blocks, bh)
 
     def states(
         self,

@@ -1,8 +1,15 @@
-"""LSH hashing and Hamming k-means for clustered attention (pure torch on CPU and GPU).
+"""LSH hashing and Hamming k-means for clustered attention.
 
-Codes are ±1 float matrices, so the Hamming distance is ``(bits − a·b) / 2`` and one Lloyd step
-is one batched matmul plus a scatter-add: this beats int64 popcount bit tricks on CPU (BLAS)
-and on GPU (tensor cores), which is why there is no Triton kernel here.
+Codes are ±1 float matrices, so the Hamming distance is ``(bits − a·b) / 2`` and the nearest
+centroid is the argmax of an inner product: this beats int64 popcount bit tricks on CPU (BLAS)
+and on GPU (tensor cores). ``reference.py`` holds the popcount spec.
+
+The assignment step (``hamming_assign``) dispatches: on CUDA a Triton kernel (``triton.py``)
+keeps a running argmax over centroid blocks, so the (G, N, C) score tensor is never stored;
+elsewhere one batched matmul plus ``argmax``. Both give identical assignments (exact integer
+scores, ties to the lowest centroid index). The update step (per-bit majority votes) stays
+torch on every backend: it is two ``scatter_add_`` calls, memory-bound work that a kernel
+would not speed up.
 """
 
 from __future__ import annotations
@@ -13,8 +20,32 @@ from verger.fast_attention.ops.clustering.reference import (
     hamming_distance_reference,
     pack_bits,
 )
+from verger.fast_attention.ops.clustering.triton import (
+    HAS_TRITON,
+    MAX_BITS,
+    hamming_assign_triton,
+)
 
-__all__ = ["hamming_distance_reference", "hamming_kmeans", "hash_codes", "pack_bits"]
+__all__ = [
+    "BACKENDS",
+    "hamming_assign",
+    "hamming_distance_reference",
+    "hamming_kmeans",
+    "hash_codes",
+    "pack_bits",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device, bits: int = 0) -> str:
+    """``auto`` picks Triton on CUDA when it is installed and ``bits`` <= 64, torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON and bits <= MAX_BITS else "torch"
+    return backend
 
 
 def hash_codes(
@@ -46,6 +77,32 @@ def _initial_centroids(codes: torch.Tensor, n_clusters: int, lengths: torch.Tens
     return codes.gather(1, idx[..., None].expand(-1, -1, codes.shape[-1]))
 
 
+def _assign(
+    codes: torch.Tensor, centroids: torch.Tensor, backend: str, scores: torch.Tensor | None
+) -> torch.Tensor:
+    """Assignment step on a resolved backend; ``scores`` is a reusable (G, N, C) torch buffer."""
+    if backend == "triton":
+        return hamming_assign_triton(codes, centroids)[0]
+    if scores is None:
+        return torch.bmm(codes, centroids.mT).argmax(-1)
+    return torch.bmm(codes, centroids.mT, out=scores).argmax(-1)
+
+
+@torch.no_grad()
+def hamming_assign(
+    codes: torch.Tensor, centroids: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Index (G, N) int64 of each code's nearest centroid in Hamming distance.
+
+    ``codes`` (G, N, bits) and ``centroids`` (G, C, bits) are ±1 float tensors. Ties go to
+    the lowest centroid index (``argmax`` of the inner products). ``backend``: ``auto``
+    (Triton on CUDA, torch elsewhere), ``torch`` or ``triton`` (on CPU only under the Triton
+    interpreter).
+    """
+    backend = resolve_backend(backend, codes.device, codes.shape[-1])
+    return _assign(codes, centroids, backend, None)
+
+
 @torch.no_grad()
 def hamming_kmeans(
     codes: torch.Tensor,
@@ -53,6 +110,7 @@ def hamming_kmeans(
     iterations: int,
     *,
     valid: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means in Hamming space: returns (assignments (G, N), centroids (G, C, bits)).
 
@@ -60,9 +118,11 @@ def hamming_kmeans(
     its previous centroid. ``valid`` (G, N) bool restricts which rows vote (padding does not);
     rows must be left-aligned (valid positions first), as with right padding. Every row is
     still assigned to its nearest centroid. Stops early once the assignments are stable (a
-    fixed point: further iterations would change nothing).
+    fixed point: further iterations would change nothing). ``backend`` picks the assignment
+    step as in ``hamming_assign``; both backends give identical results.
     """
     g, n, bits = codes.shape
+    backend = resolve_backend(backend, codes.device, bits)
     lengths = (
         torch.full((g,), n, device=codes.device) if valid is None else valid.sum(1).clamp_min(1)
     )
@@ -70,8 +130,12 @@ def hamming_kmeans(
     weights = codes if valid is None else codes * valid[..., None]
     # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
     # iterations because fresh large CPU allocations cost page faults comparable to the matmul
-    scores = torch.bmm(codes, centroids.mT)
-    assign = scores.argmax(-1)
+    scores = (
+        torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
+        if backend == "torch"
+        else None
+    )
+    assign = _assign(codes, centroids, backend, scores)
     votes = torch.empty_like(centroids)
     counts = torch.empty(g, n_clusters, device=codes.device)
     ones = torch.ones(g, n, device=codes.device) if valid is None else valid.float()
@@ -82,8 +146,7 @@ def hamming_kmeans(
         counts.zero_().scatter_add_(1, assign, ones)
         updated = (votes >= 0).float().mul_(2.0).sub_(1.0)
         centroids = torch.where(counts[..., None] > 0, updated, centroids)
-        torch.bmm(codes, centroids.mT, out=scores)
-        previous, assign = assign, scores.argmax(-1)
+        previous, assign = assign, _assign(codes, centroids, backend, scores)
         if torch.equal(previous, assign):
             break
     return assign, centroids

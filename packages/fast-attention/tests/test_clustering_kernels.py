@@ -1,0 +1,137 @@
+"""Triton assignment step of Hamming k-means: popcount spec, torch tie-breaking, dispatch,
+errors, and the compiled kernel's resources on sm_90 (no GPU needed)."""
+
+import pytest
+import torch
+
+from verger.core.kernels.resources import KernelConfig, kernel_resources, ptxas_available
+from verger.fast_attention.ops.clustering import (
+    hamming_assign,
+    hamming_kmeans,
+    hash_codes,
+    resolve_backend,
+)
+from verger.fast_attention.ops.clustering import triton as kernels
+from verger.fast_attention.ops.clustering.reference import hamming_distance_reference, pack_bits
+
+needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
+
+
+def _codes(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dtype)
+
+
+def _popcount(codes, centroids):
+    """(G, N, C) Hamming distances by popcount on packed int64 codes (the spec)."""
+    return hamming_distance_reference(pack_bits(codes)[..., None], pack_bits(centroids)[:, None])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "g, n, c, bits",
+    [(1, 64, 16, 17), (3, 37, 70, 63), (2, 130, 5, 1), (2, 65, 129, 17), (4, 1, 3, 63)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_assignment_matches_popcount_argmin(g, n, c, bits, dtype):
+    codes = _codes(g, n, bits, seed=n + c, dtype=dtype)
+    centroids = _codes(g, c, bits, seed=bits, dtype=dtype)
+    assign, dist = kernels.hamming_assign_triton(codes, centroids)
+    ref = _popcount(codes, centroids)
+    assert assign.dtype == torch.long and assign.shape == (g, n)
+    assert torch.equal(assign, ref.argmin(-1))  # argmin: first minimum, as argmax on scores
+    assert torch.equal(dist.long(), ref.min(-1).values)
+    torch_assign = hamming_assign(codes.float(), centroids.float(), backend="torch")
+    assert torch.equal(assign, torch_assign)
+
+
+@needs_triton
+def test_ties_go_to_the_lowest_index_like_torch_argmax():
+    # 4 bits and 150 centroids (3 blocks of 64): every row has many tied nearest centroids,
+    # duplicates sit in different blocks, and the first block may not hold the best one.
+    codes = _codes(2, 90, 4, seed=1)
+    centroids = _codes(2, 150, 4, seed=2)
+    centroids[0, :64] = -codes[0, 0]  # first block: all at distance 4 from row 0
+    centroids[0, 64:] = codes[0, 0] * torch.tensor([-1.0, 1, 1, 1])  # later ones at distance 1
+    centroids[0, 100] = centroids[0, 140] = codes[0, 0]  # two exact matches in later blocks
+    scores = torch.bmm(codes, centroids.mT)
+    expected = scores.argmax(-1)
+    assign = hamming_assign(codes, centroids, backend="triton")
+    assert torch.equal(assign, expected)
+    assert assign[0, 0] == 100
+    # all centroids identical: torch returns index 0 everywhere
+    same = codes[:, :1].expand(-1, 70, -1).contiguous()
+    assert torch.equal(hamming_assign(codes, same, backend="triton"), torch.zeros(2, 90).long())
+
+
+@needs_triton
+@pytest.mark.parametrize("padded", [False, True])
+def test_kmeans_triton_equals_torch(padded):
+    x = torch.randn(3, 150, 16, generator=torch.Generator().manual_seed(3))
+    valid = None
+    if padded:
+        valid = torch.ones(3, 150, dtype=torch.bool)
+        valid[1, 97:] = False
+    codes = hash_codes(x, 63, valid=valid, generator=torch.Generator().manual_seed(0))
+    a_t, c_t = hamming_kmeans(codes, 70, 10, valid=valid, backend="torch")
+    a_k, c_k = hamming_kmeans(codes, 70, 10, valid=valid, backend="triton")
+    assert torch.equal(a_t, a_k) and torch.equal(c_t, c_k)
+    dist = _popcount(codes, c_k)
+    assert torch.equal(a_k, dist.argmin(-1))
+
+
+def test_dispatch():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, 63) == "torch"
+    assert resolve_backend("triton", cpu, 63) == "triton"
+    if kernels.HAS_TRITON:
+        assert resolve_backend("auto", torch.device("cuda"), 63) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), 65) == "torch"  # too wide for the tile
+    with pytest.raises(ValueError, match="backend"):
+        hamming_assign(_codes(1, 4, 8), _codes(1, 2, 8), backend="cuda")
+    codes, cents = _codes(2, 33, 9, seed=4), _codes(2, 5, 9, seed=5)
+    expected = torch.bmm(codes, cents.mT).argmax(-1)
+    assert torch.equal(hamming_assign(codes, cents), expected)
+
+
+@needs_triton
+def test_bad_inputs_raise_clear_errors():
+    codes, cents = _codes(2, 8, 16), _codes(2, 4, 16)
+    run = kernels.hamming_assign_triton
+    with pytest.raises(ValueError, match=r"\(G, N, bits\)"):
+        run(codes[0], cents)
+    with pytest.raises(ValueError, match="groups"):
+        run(codes, cents[:1])
+    with pytest.raises(ValueError, match="bits"):
+        run(codes, cents[..., :8])
+    with pytest.raises(TypeError, match="float"):
+        run(codes.long(), cents)
+    with pytest.raises(ValueError, match="bits <= 64"):
+        run(_codes(1, 4, 65), _codes(1, 2, 65))
+    with pytest.raises(ValueError, match="at least one centroid"):
+        run(codes, cents[:, :0])
+    empty, _ = run(codes[:, :0], cents)
+    assert empty.shape == (2, 0)
+
+
+@pytest.fixture(scope="module")
+def resources():
+    if not kernels.HAS_TRITON or not ptxas_available():
+        pytest.skip("needs triton's NVIDIA backend")
+    configs = []
+    for n_clusters, bits in [(100, 63), (8, 17), (32, 1)]:
+        meta = kernels.launch_meta(n_clusters, bits)
+        warps = meta.pop("num_warps")
+        signature = {"codes_ptr": "*fp32", "cent_ptr": "*fp32", "assign_ptr": "*i64",
+                     "dist_ptr": "*i32", "n": "i32", "c": "i32", "bits": "i32",
+                     "n_row_blocks": "i32"}  # fmt: skip
+        configs.append(
+            KernelConfig(kernels._hamming_assign_kernel, signature, meta, num_warps=warps)
+        )
+    return kernel_resources(*configs, arch=90)
+
+
+def test_assign_kernel_does_not_spill_and_uses_tensor_cores(resources):
+    for res in resources:
+        assert not res.spills, res
+        assert res.tensor_core_instructions > 0, f"the dot runs on FMA units: {res}"
