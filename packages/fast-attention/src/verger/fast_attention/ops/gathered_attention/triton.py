@@ -182,6 +182,21 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_rows: torch.Te
         )
 
 
+def _operands(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_rows: torch.Tensor,
+    key_ok: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
+    """Contiguous kernel operands ``[q, k, v, rows, ok]`` and (blocks, W, K, D, Dv)."""
+    rows = key_rows.contiguous()
+    ok = key_ok.to(torch.int8).contiguous() if key_ok is not None else rows  # unread if None
+    operands = [q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), rows, ok]
+    n_blocks, n_w, dim = q.shape
+    return operands, (n_blocks, n_w, rows.shape[-1], dim, v.shape[-1])
+
+
 @torch.compiler.disable
 def gathered_attention_forward_triton(
     q: torch.Tensor,
@@ -193,17 +208,13 @@ def gathered_attention_forward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out (B, W, Dv) float32, lse (B, W) float32)``."""
     _check(q, k, v, key_rows)
-    q, k, v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
-    rows = key_rows.contiguous()
-    n_blocks, n_w, dim = q.shape
-    n_keys, dim_v = rows.shape[-1], v.shape[-1]
+    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok)
     out = torch.empty(n_blocks, n_w, dim_v, device=q.device, dtype=torch.float32)
     lse = torch.empty(n_blocks, n_w, device=q.device, dtype=torch.float32)
     if n_blocks and n_w:
         meta = launch_meta(n_w, dim, dim_v, q.dtype, key_ok is not None, backward=False)
-        ok = key_ok.to(torch.int8).contiguous() if key_ok is not None else rows
         _gathered_fwd_kernel[(n_blocks, triton.cdiv(n_w, meta["BW"]))](
-            q, k, v, rows, ok, out, lse, n_w, n_keys, dim, dim_v, float(scale), **meta
+            *operands, out, lse, n_w, n_keys, dim, dim_v, float(scale), **meta
         )
     return out, lse
 
@@ -221,18 +232,14 @@ def gathered_attention_backward_triton(
     grad_out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: float32 ``(dq (B, W, D), dk (M, D), dv (M, Dv))``."""
-    q, k, v = q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous()
-    rows = key_rows.contiguous()
-    n_blocks, n_w, dim = q.shape
-    n_keys, dim_v = rows.shape[-1], v.shape[-1]
+    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok)
     dq = torch.zeros(n_blocks, n_w, dim, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
     if n_blocks and n_w:
         meta = launch_meta(n_w, dim, dim_v, q.dtype, key_ok is not None, backward=True)
-        ok = key_ok.to(torch.int8).contiguous() if key_ok is not None else rows
         _gathered_bwd_kernel[(n_blocks, triton.cdiv(n_w, meta["BW"]))](
-            q, k, v, rows, ok, out.contiguous(), lse, grad_out.to(q.dtype).contiguous(),
+            *operands, out.contiguous(), lse, grad_out.to(q.dtype).contiguous(),
             dq, dk, dv, n_w, n_keys, dim, dim_v, float(scale), **meta,
         )  # fmt: skip
     return dq, dk, dv
