@@ -18,8 +18,8 @@ Backward, with ``d = den + eps`` and ``w_i = do_i · out_i``: ``g = do / d`` and
     dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i,   dv_j = Σ_{i≥j} (q_i·k_j) g_i   (intra + later chunks)
 
 so the backward is the same state/scan pair run forward (``S_c, z_c`` recomputed, not saved)
-and in reverse (``Σ q gᵀ``, ``Σ r q`` over later chunks), then ``_dq_kernel`` and
-``_dkdv_kernel``. The inter-chunk terms of dq and dk are two sums growing with N that cancel
+and in reverse (``Σ q gᵀ``, ``Σ r q`` over later chunks), then ``_dq_kernel``, ``_dk_kernel``
+and ``_dv_kernel``. The inter-chunk terms of dq and dk are two sums growing with N that cancel
 to ~√N, so they run on fp32 states with 3xTF32 dots; the intra-chunk terms are formed after
 the cancellation (``do·v − w``), so 16-bit operands are safe there.
 
