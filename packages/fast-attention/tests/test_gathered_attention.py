@@ -32,10 +32,10 @@ def _inputs(blocks, width, dim, dim_v, rows, keys, *, masked, seed=0, dtype=torc
     return q, k, v, key_rows, ok
 
 
-def _vs_reference(q, k, v, key_rows, ok, scale=0.3):
-    out = gathered_attention(q, k, v, key_rows, ok, scale=scale, backend="triton")
+def _vs_reference(q, k, v, key_rows, ok, scale=0.3, **positions):
+    out = gathered_attention(q, k, v, key_rows, ok, scale=scale, backend="triton", **positions)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = gathered_attention_reference(*ref_in, key_rows, ok, scale)
+    ref = gathered_attention_reference(*ref_in, key_rows, ok, scale, *positions.values())
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9), dtype=ref.dtype)
     got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
     want = torch.autograd.grad(ref, ref_in, grad)
@@ -64,6 +64,22 @@ def test_triton_matches_reference_outputs_and_gradients(
         assert_close(a, b.float(), rtol=1e-5, name=f"d{name}")
     if masked:
         assert out[-1].abs().max() == 0  # the fully masked block
+
+
+@needs_triton
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_causal_positions_match_reference(masked):
+    # Row w may use key j only if key_pos <= query_pos; some rows see no key at all (zeros).
+    q, k, v, key_rows, ok = _inputs(4, 24, 16, 16, 90, 45, masked=masked, seed=3)
+    g = torch.Generator().manual_seed(4)
+    query_pos = torch.randint(-1, 90, (4, 24), generator=g)
+    key_pos = key_rows.clone()  # keys sit at their row index in the sequence
+    out, ref, got, want = _vs_reference(q, k, v, key_rows, ok, query_pos=query_pos, key_pos=key_pos)
+    sees_nothing = ~(key_pos[:, None, :] <= query_pos[:, :, None]).any(-1)
+    assert sees_nothing.any() and out[sees_nothing].abs().max() == 0
+    assert_close(out, ref.float(), rtol=1e-5, name="out")
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b.float(), rtol=1e-5, name=f"d{name}")
 
 
 @needs_triton
@@ -110,6 +126,10 @@ def test_bad_inputs_raise_clear_errors():
         gathered_attention(q, k[:, :4], v, key_rows, scale=1.0)
     with pytest.raises(ValueError, match="key_ok"):
         gathered_attention(q, k, v, key_rows, key_rows[:, :2] > 0, scale=1.0)
+    with pytest.raises(ValueError, match="both query_pos and key_pos"):
+        gathered_attention(q, k, v, key_rows, scale=1.0, query_pos=key_rows[:, :1])
+    with pytest.raises(ValueError, match="query_pos"):
+        gathered_attention(q, k, v, key_rows, scale=1.0, query_pos=key_rows, key_pos=key_rows)
 
 
 @pytest.mark.gpu

@@ -96,14 +96,16 @@ def test_shipped_kernels_do_not_spill_and_use_tensor_cores(
             assert res.tensor_core_instructions > 0, f"{label} runs its dots on FMA units: {res}"
 
 
-def _gathered_configs(dtype: str, head_dim: int, backward: bool) -> KernelConfig:
+def _gathered_configs(dtype: str, head_dim: int, backward: bool, causal: bool) -> KernelConfig:
     from verger.fast_attention.ops.gathered_attention import triton as gathered
 
-    meta = gathered.launch_meta(64, head_dim, head_dim, DTYPES[dtype], True, backward=backward)
+    meta = gathered.launch_meta(
+        64, head_dim, head_dim, DTYPES[dtype], True, backward=backward, causal=causal
+    )
     warps = meta.pop("num_warps")
     t, f = f"*{dtype}", "*fp32"
     sig = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "rows_ptr": "*i64", "ok_ptr": "*i8",
-           "out_ptr": f, "lse_ptr": f}  # fmt: skip
+           "qpos_ptr": "*i64", "kpos_ptr": "*i64", "out_ptr": f, "lse_ptr": f}  # fmt: skip
     sizes = {"n_w": "i32", "n_keys": "i32", "dim": "i32", "dim_v": "i32", "scale": "fp32"}
     if backward:
         grads = {"do_ptr": t, "dq_ptr": f, "dk_ptr": f, "dv_ptr": f}
@@ -112,17 +114,20 @@ def _gathered_configs(dtype: str, head_dim: int, backward: bool) -> KernelConfig
 
 
 # Improved clustered attention computes in fp32; fp16 for direct users of gathered_attention.
-# (dtype, head dim, spill bytes allowed): a few bytes at 128 (the backward holds q, do, dq and
-# a key block at once).
-GATHERED = [("fp32", 64, 0), ("fp16", 64, 0), ("fp16", 128, 16)]
+# (dtype, head dim, spill bytes allowed): a few bytes for the causal backward in fp32 on sm_80
+# and at head dim 128 (it holds q, do, dq, positions and a key block at once).
+GATHERED = [("fp32", 64, 16), ("fp16", 64, 0), ("fp16", 128, 16)]
 
 
 def test_gathered_attention_kernels_do_not_spill():
     configs = {
-        (arch, dtype, dim, allowed, backward): _gathered_configs(dtype, dim, backward)
+        (arch, dtype, dim, allowed, backward, causal): _gathered_configs(
+            dtype, dim, backward, causal
+        )
         for arch in (80, 90)
         for dtype, dim, allowed in GATHERED
         for backward in (False, True)
+        for causal in (False, True)
     }
     for arch in (80, 90):
         keys = [key for key in configs if key[0] == arch]

@@ -88,26 +88,6 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(g * m, d).index_select(0, flat).view(*idx.shape, d)
 
 
-def _topk_exact(
-    q3: torch.Tensor,
-    k3: torch.Tensor,
-    v3: torch.Tensor,
-    top_idx: torch.Tensor,
-    allowed: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Per query, softmax over its own top-k keys ``top_idx`` (G, n, kk): each query is a block
-    of one for ``gathered_attention``. A query allowed none of its keys gets zeros."""
-    g, n, d = q3.shape
-    key_rows = _flat_rows(top_idx, k3.shape[1]).reshape(g * n, -1)
-    ok = None if allowed is None else allowed.reshape(g * n, -1)
-    out = gathered_attention(
-        q3.reshape(g * n, 1, d), k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]), key_rows, ok,
-        scale=scale,
-    )  # fmt: skip
-    return out.view(g, n, -1)
-
-
 def _flat_rows(idx: torch.Tensor, rows_per_group: int) -> torch.Tensor:
     """Indices into group g's rows (G, ...) as rows of the flattened (G·M, ·) tensor."""
     offsets = torch.arange(idx.shape[0], device=idx.device) * rows_per_group
@@ -181,12 +161,13 @@ def _block_layout(a3: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.
     return rows, block_cluster, width
 
 
-def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale):  # type: ignore[no-untyped-def]
+def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale, causal=False):  # type: ignore[no-untyped-def]
     """Exact softmax of each query over its cluster's top-k keys, computed block by block.
 
     Each query row is copied once into its cluster's block, and every block attends to its
     cluster's keys (``gathered_attention``: Triton on CUDA, gathered copies + bmm on CPU)
-    instead of copying k key and value rows per query.
+    instead of copying k key and value rows per query. ``causal``: query i only uses the
+    keys j <= i among them (a query that may use none gets zeros).
     """
     g, n, d = q3.shape
     clusters, kk = top_idx.shape[1], top_idx.shape[2]
@@ -196,9 +177,15 @@ def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale):  # type: ignore
     key_rows = _flat_rows(top_idx.gather(1, per_block), k3.shape[1]).reshape(g * nb, kk)
     ok = None if key_ok is None else key_ok.gather(1, per_block).reshape(g * nb, kk)
     q_blk = q3.new_zeros(g * nb * width, d).index_copy(0, rows, q3.reshape(g * n, d))
+    query_pos = key_pos = None
+    if causal:  # padding rows of the blocks get position -1: no key, zero output
+        pos = torch.arange(n, device=q3.device).repeat(g)
+        query_pos = torch.full((g * nb * width,), -1, device=q3.device, dtype=torch.long)
+        query_pos = query_pos.index_copy(0, rows, pos).view(g * nb, width)
+        key_pos = top_idx.gather(1, per_block).reshape(g * nb, kk)
     out = gathered_attention(
         q_blk.view(g * nb, width, d), k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]),
-        key_rows, ok, scale=scale,
+        key_rows, ok, scale=scale, query_pos=query_pos, key_pos=key_pos,
     )  # fmt: skip
     return out.reshape(g * nb * width, -1).index_select(0, rows).view(g, n, -1)
 
@@ -237,7 +224,8 @@ def _causal_products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no
     inv_z = 1.0 / (z + 1e-30)
     removed = torch.einsum("gnk,gnkd->gnd", e_top, _rows(v3, idx)) * inv_z[..., None]
     mass = (e_top.sum(-1) * inv_z)[..., None]
-    exact = _topk_exact(q3, k3, v3, idx, allowed, scale)
+    key_ok = None if pad is None else ~pad.gather(1, top_idx.flatten(1)).view_as(top_idx)
+    exact = _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale, causal=True)
     return base - removed + mass * exact
 
 

@@ -37,19 +37,23 @@ class _GatheredAttention(torch.autograd.Function):
         key_rows: torch.Tensor,
         key_ok: torch.Tensor | None,
         scale: float,
+        query_pos: torch.Tensor | None,
+        key_pos: torch.Tensor | None,
     ) -> torch.Tensor:
-        out, lse = gathered_attention_forward_triton(q, k, v, key_rows, key_ok, scale)
-        ctx.save_for_backward(q, k, v, key_rows, key_ok, out, lse)
+        positions = (query_pos, key_pos) if query_pos is not None and key_pos is not None else None
+        out, lse = gathered_attention_forward_triton(q, k, v, key_rows, key_ok, scale, positions)
+        ctx.save_for_backward(q, k, v, key_rows, key_ok, out, lse, query_pos, key_pos)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, key_rows, key_ok, out, lse = ctx.saved_tensors
+        q, k, v, key_rows, key_ok, out, lse, query_pos, key_pos = ctx.saved_tensors
+        positions = (query_pos, key_pos) if query_pos is not None and key_pos is not None else None
         dq, dk, dv = gathered_attention_backward_triton(
-            q, k, v, key_rows, key_ok, ctx.scale, out, lse, grad_out
+            q, k, v, key_rows, key_ok, ctx.scale, out, lse, grad_out, positions
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def gathered_attention(
@@ -60,12 +64,16 @@ def gathered_attention(
     key_ok: torch.Tensor | None = None,
     *,
     scale: float,
+    query_pos: torch.Tensor | None = None,
+    key_pos: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``softmax(q[b] k[key_rows[b]]ᵀ · scale) v[key_rows[b]]`` for every block ``b``.
 
     ``q``: (B, W, D); ``k``: (M, D); ``v``: (M, Dv); ``key_rows``: (B, K) int64 in [0, M);
-    ``key_ok``: optional (B, K) bool (False = masked key); a block with no allowed key gets 0.
+    ``key_ok``: optional (B, K) bool (False = masked key). Causal mask: with ``query_pos``
+    (B, W) and ``key_pos`` (B, K) integer positions, row w uses key j only if
+    ``key_pos[b, j] <= query_pos[b, w]``. A query row with no allowed key gets zeros.
     Returns (B, W, Dv) in q's dtype (float32 accumulation); differentiable in q, k and v.
     ``backend``: ``auto`` (Triton on CUDA when it fits: K ≤ 256, head dims ≤ 256), ``torch``
     or ``triton`` (also on CPU tensors under ``TRITON_INTERPRET=1``).
@@ -86,10 +94,23 @@ def gathered_attention(
         raise ValueError(
             f"key_ok {tuple(key_ok.shape)} must match key_rows {tuple(key_rows.shape)}"
         )
+    if (query_pos is None) != (key_pos is None):
+        raise ValueError("pass both query_pos and key_pos (the causal mask) or neither")
+    if (
+        query_pos is not None
+        and key_pos is not None
+        and (query_pos.shape != q.shape[:2] or key_pos.shape != key_rows.shape)
+    ):
+        raise ValueError(
+            f"query_pos {tuple(query_pos.shape)} must be (B, W) = {tuple(q.shape[:2])} and "
+            f"key_pos {tuple(key_pos.shape)} must match key_rows {tuple(key_rows.shape)}"
+        )
     if backend == "auto":
         fits = key_rows.shape[-1] <= MAX_KEYS and max(q.shape[-1], v.shape[-1]) <= MAX_DIM
         backend = "triton" if q.is_cuda and HAS_TRITON and fits else "torch"
     if backend == "torch":
-        return gathered_attention_reference(q, k, v, key_rows, key_ok, scale)
-    out = _GatheredAttention.apply(q, k, v, key_rows.long(), key_ok, float(scale))
+        return gathered_attention_reference(q, k, v, key_rows, key_ok, scale, query_pos, key_pos)
+    out = _GatheredAttention.apply(
+        q, k, v, key_rows.long(), key_ok, float(scale), query_pos, key_pos
+    )
     return out.to(q.dtype)

@@ -12,20 +12,27 @@ def gathered_attention_reference(
     key_rows: torch.Tensor,
     key_ok: torch.Tensor | None,
     scale: float,
+    query_pos: torch.Tensor | None = None,
+    key_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[b] = softmax(q[b] k[key_rows[b]]ᵀ · scale, masked by key_ok[b]) v[key_rows[b]]``.
+    """``out[b] = softmax(q[b] k[key_rows[b]]ᵀ · scale, masked) v[key_rows[b]]``.
 
     ``q``: (B, W, D) blocks of queries; ``k``: (M, D) and ``v``: (M, Dv) key/value rows;
     ``key_rows``: (B, K) int64 rows of k/v each block attends to; ``key_ok``: (B, K) bool or
-    None. A block with no allowed key gets zeros. Returns (B, W, Dv) in q's dtype.
+    None. With ``query_pos`` (B, W) and ``key_pos`` (B, K), query row w may use key j only
+    if ``key_pos[b, j] <= query_pos[b, w]`` (causal). A row with no allowed key gets zeros.
+    Returns (B, W, Dv) in q's dtype.
     """
     flat = key_rows.reshape(-1)
     k_sel = k.index_select(0, flat).view(*key_rows.shape, k.shape[-1])
     v_sel = v.index_select(0, flat).view(*key_rows.shape, v.shape[-1])
     logits = torch.bmm(q, k_sel.mT) * scale
-    if key_ok is None:
+    allowed = None if key_ok is None else key_ok[:, None, :]
+    if query_pos is not None and key_pos is not None:
+        causal = key_pos[:, None, :] <= query_pos[:, :, None]
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is None:
         return torch.bmm(torch.softmax(logits, -1), v_sel)
-    logits = logits.masked_fill(~key_ok[:, None, :], float("-inf"))
-    p = torch.softmax(logits, -1)
-    p = torch.where(key_ok.any(-1)[:, None, None], p, 0.0)  # all masked: zeros, not NaN
+    p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    p = torch.where(allowed.any(-1, keepdim=True), p, 0.0)  # all masked: zeros, not NaN
     return torch.bmm(p, v_sel)

@@ -42,14 +42,22 @@ if HAS_TRITON:
             mask=keep[:, None] & (offs_d < dim)[None, :],
             other=0.0,
         )
-        return idx, keep, k
+        return idx, keep, k, offs_j
+
+    @triton.jit
+    def _allowed(kpos_ptr, blk, offs_j, n_keys, keep, qpos, CAUSAL: tl.constexpr):
+        """(BW, BKB) mask: allowed keys, and with ``CAUSAL`` only those at or before the query."""
+        if CAUSAL:
+            kpos = tl.load(kpos_ptr + blk * n_keys + offs_j, mask=offs_j < n_keys, other=0)
+            return keep[None, :] & (kpos[None, :] <= qpos[:, None])
+        return keep[None, :] & (qpos[:, None] >= 0)
 
     @triton.jit
     def _gathered_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, rows_ptr, ok_ptr, out_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, rows_ptr, ok_ptr, qpos_ptr, kpos_ptr, out_ptr, lse_ptr,
         n_w, n_keys, dim, dim_v, scale,
         BW: tl.constexpr, BKB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-        HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Online softmax over blocks of ``BKB`` gathered keys (registers bounded in K)."""
         blk = tl.program_id(0).to(tl.int64)
@@ -58,6 +66,7 @@ if HAS_TRITON:
         offs_v = tl.arange(0, BDV)
         mask_w = offs_w < n_w
         rows = blk * n_w + offs_w
+        qpos = tl.load(qpos_ptr + rows, mask=mask_w, other=-1) if CAUSAL else rows
         q = tl.load(
             q_ptr + rows[:, None] * dim + offs_d[None, :],
             mask=mask_w[:, None] & (offs_d < dim)[None, :],
@@ -67,11 +76,12 @@ if HAS_TRITON:
         total = tl.zeros([BW], dtype=tl.float32)
         acc = tl.zeros([BW, BDV], dtype=tl.float32)
         for j0 in range(0, n_keys, BKB):
-            idx, keep, k = _key_block(
+            idx, keep, k, offs_j = _key_block(
                 k_ptr, rows_ptr, ok_ptr, blk, j0, n_keys, dim, BKB, BD, HAS_MASK
             )
+            live = _allowed(kpos_ptr, blk, offs_j, n_keys, keep, qpos, CAUSAL)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            logits = tl.where(keep[None, :], logits, float("-inf"))
+            logits = tl.where(live, logits, float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(logits - m_new[:, None])
@@ -93,10 +103,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _gathered_bwd_kernel(
-        q_ptr, k_ptr, v_ptr, rows_ptr, ok_ptr, out_ptr, lse_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
-        n_w, n_keys, dim, dim_v, scale,
+        q_ptr, k_ptr, v_ptr, rows_ptr, ok_ptr, qpos_ptr, kpos_ptr, out_ptr, lse_ptr, do_ptr,
+        dq_ptr, dk_ptr, dv_ptr, n_w, n_keys, dim, dim_v, scale,
         BW: tl.constexpr, BKB: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-        HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Per block of gathered keys: recompute p from the saved lse, accumulate dq, and add
         dk / dv into the gathered rows with atomics (other blocks share those keys)."""
@@ -108,6 +118,7 @@ if HAS_TRITON:
         mask_d = offs_d < dim
         mask_v = offs_v < dim_v
         rows = blk * n_w + offs_w
+        qpos = tl.load(qpos_ptr + rows, mask=mask_w, other=-1) if CAUSAL else rows
         mq = mask_w[:, None] & mask_d[None, :]
         mv = mask_w[:, None] & mask_v[None, :]
         q = tl.load(q_ptr + rows[:, None] * dim + offs_d[None, :], mask=mq, other=0.0)
@@ -117,11 +128,11 @@ if HAS_TRITON:
         delta = tl.sum(do.to(tl.float32) * out, axis=1)
         dq = tl.zeros([BW, BD], dtype=tl.float32)
         for j0 in range(0, n_keys, BKB):
-            idx, keep, k = _key_block(
+            idx, keep, k, offs_j = _key_block(
                 k_ptr, rows_ptr, ok_ptr, blk, j0, n_keys, dim, BKB, BD, HAS_MASK
             )
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            live = keep[None, :] & mask_w[:, None]
+            live = _allowed(kpos_ptr, blk, offs_j, n_keys, keep, qpos, CAUSAL) & mask_w[:, None]
             p = tl.exp(tl.where(live, logits - lse[:, None], float("-inf")))
             v = tl.load(
                 v_ptr + idx[:, None] * dim_v + offs_v[None, :],
@@ -151,7 +162,14 @@ def _next_pow2(x: int) -> int:
 
 
 def launch_meta(
-    n_w: int, dim: int, dim_v: int, dtype: torch.dtype, has_mask: bool, *, backward: bool
+    n_w: int,
+    dim: int,
+    dim_v: int,
+    dtype: torch.dtype,
+    has_mask: bool,
+    *,
+    backward: bool,
+    causal: bool = False,
 ) -> dict[str, object]:
     """Compile-time arguments and ``num_warps`` of one kernel (the resource tests use these).
 
@@ -167,7 +185,7 @@ def launch_meta(
     bw = max(16, min(_next_pow2(n_w), cap))
     precision = "tf32x3" if fp32 else "tf32"
     return {"BW": bw, "BKB": 32 if widest <= 128 else 16, "BD": bd, "BDV": bdv, "HAS_MASK": has_mask,
-            "PRECISION": precision, "num_warps": 8 if backward or widest > 64 else 4}  # fmt: skip
+            "CAUSAL": causal, "PRECISION": precision, "num_warps": 8 if backward or causal or widest > 64 else 4}  # fmt: skip
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_rows: torch.Tensor) -> None:
@@ -188,11 +206,15 @@ def _operands(
     v: torch.Tensor,
     key_rows: torch.Tensor,
     key_ok: torch.Tensor | None,
+    positions: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
-    """Contiguous kernel operands ``[q, k, v, rows, ok]`` and (blocks, W, K, D, Dv)."""
+    """Contiguous kernel operands ``[q, k, v, rows, ok, qpos, kpos]`` and (blocks, W, K, D, Dv);
+    the mask and positions are placeholders (never read) when absent."""
     rows = key_rows.contiguous()
-    ok = key_ok.to(torch.int8).contiguous() if key_ok is not None else rows  # unread if None
-    operands = [q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), rows, ok]
+    ok = key_ok.to(torch.int8).contiguous() if key_ok is not None else rows
+    qpos, kpos = (p.long().contiguous() for p in positions) if positions else (rows, rows)
+    operands = [q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous(), rows, ok,
+                qpos, kpos]  # fmt: skip
     n_blocks, n_w, dim = q.shape
     return operands, (n_blocks, n_w, rows.shape[-1], dim, v.shape[-1])
 
@@ -205,14 +227,18 @@ def gathered_attention_forward_triton(
     key_rows: torch.Tensor,
     key_ok: torch.Tensor | None,
     scale: float,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out (B, W, Dv) float32, lse (B, W) float32)``."""
+    """Forward: ``(out (B, W, Dv) float32, lse (B, W) float32)``; ``positions`` is
+    ``(query_pos (B, W), key_pos (B, K))`` for the causal mask."""
     _check(q, k, v, key_rows)
-    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok)
+    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok, positions)
     out = torch.empty(n_blocks, n_w, dim_v, device=q.device, dtype=torch.float32)
     lse = torch.empty(n_blocks, n_w, device=q.device, dtype=torch.float32)
     if n_blocks and n_w:
-        meta = launch_meta(n_w, dim, dim_v, q.dtype, key_ok is not None, backward=False)
+        meta = launch_meta(
+            n_w, dim, dim_v, q.dtype, key_ok is not None, backward=False, causal=bool(positions)
+        )
         _gathered_fwd_kernel[(n_blocks, triton.cdiv(n_w, meta["BW"]))](
             *operands, out, lse, n_w, n_keys, dim, dim_v, float(scale), **meta
         )
@@ -230,14 +256,17 @@ def gathered_attention_backward_triton(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: float32 ``(dq (B, W, D), dk (M, D), dv (M, Dv))``."""
-    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok)
+    operands, (n_blocks, n_w, n_keys, dim, dim_v) = _operands(q, k, v, key_rows, key_ok, positions)
     dq = torch.zeros(n_blocks, n_w, dim, device=q.device, dtype=torch.float32)
     dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
     if n_blocks and n_w:
-        meta = launch_meta(n_w, dim, dim_v, q.dtype, key_ok is not None, backward=True)
+        meta = launch_meta(
+            n_w, dim, dim_v, q.dtype, key_ok is not None, backward=True, causal=bool(positions)
+        )
         _gathered_bwd_kernel[(n_blocks, triton.cdiv(n_w, meta["BW"]))](
             *operands, out.contiguous(), lse, grad_out.to(q.dtype).contiguous(),
             dq, dk, dv, n_w, n_keys, dim, dim_v, float(scale), **meta,
