@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO as an island's inner engine equals the plain torch island (2 gloo ranks)."""
+"""DeepSpeed ZeRO as an island's inner engine: equals the torch island, resumes exactly (gloo)."""
 
 from dataclasses import replace
 
@@ -35,15 +35,20 @@ def test_standalone_slices_match_views():
     assert not torch.equal(view_state["blocks.0.mlp.w_up.weight"], model.blocks[0].mlp.w_up.weight)
 
 
-def _torch_vs_deepspeed(spec: TrainSpec, stage: int) -> dict:
+def _skip_shm_op() -> None:
     import sys
 
     import deepspeed.comm  # noqa: F401  (loads the submodule patched below)
-    import torch.distributed as dist
 
     # Skip compiling DeepSpeed's CPU shared-memory all-reduce op (only a speed-up over gloo;
     # the first build takes minutes on a busy 2-core machine), as verger-core's tests do.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _torch_vs_deepspeed(spec: TrainSpec, stage: int) -> dict:
+    import torch.distributed as dist
+
+    _skip_shm_op()
     from verger.core.distributed.deepspeed import zero_stage
     from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
 
@@ -89,5 +94,119 @@ def test_zero_island_equals_torch_island(stage):
 def test_deepspeed_engine_validation():
     with pytest.raises(ValueError, match="inner_engine="):
         TrainSpec(inner_engine="fsdp")
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        TrainSpec(inner_engine="deepspeed", checkpoint_dir="ckpt")
+    TrainSpec(inner_engine="deepspeed", checkpoint_dir="ckpt")  # worker checkpoints allowed
+
+
+def _resume_runs(spec: TrainSpec, directory: str, stop: int) -> dict:
+    """Straight run; run to ``stop`` with checkpoints; resume to the end; size-check refusal."""
+    import torch.distributed as dist
+
+    from verger.sparse_diloco.runner import distributed_main
+
+    _skip_shm_op()
+    torch.set_num_threads(1)
+    straight = distributed_main(spec)
+    distributed_main(replace(spec, rounds=stop, checkpoint_dir=directory))
+    dist.barrier()  # every file of round `stop` is on disk before anyone resumes
+    resumed = distributed_main(replace(spec, checkpoint_dir=directory))
+    # The same worker file claiming another island size must be refused, not misloaded.
+    from pathlib import Path
+
+    from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
+    from verger.sparse_diloco.runner import get_task
+
+    folder = Path(directory) / f"round_{spec.rounds:06d}"
+    state = torch.load(folder / "worker_0.pt", weights_only=False)
+    task = get_task(spec.task, spec.seed, spec.task_options)
+    engine = DeepSpeedDiLoCo(
+        task.model,
+        spec.make_plan(task.model),
+        spec.config,
+        loss_fn=task.loss_fn,
+        data=task.data,
+        zero_stage=spec.zero_stage,
+    )
+    error = ""
+    try:
+        engine.load_worker_state_dict(0, {**state, "island_size": 4})
+    except ValueError as exc:
+        error = str(exc)
+    return {"straight": straight, "resumed": resumed, "error": error}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_zero_worker_checkpoint_resume_is_exact(tmp_path, stage):
+    """Checkpoint a 2-rank ZeRO run (streaming: mid-way between a fragment's syncs), resume."""
+    pytest.importorskip("deepspeed")
+    spec = TrainSpec(
+        task="toy",
+        plan="mlp",
+        config=DiLoCoConfig(
+            num_workers=2, inner_steps=4, inner_lr=3e-3, inner_warmup=3, num_fragments=2
+        ),
+        rounds=3,
+        inner_engine="deepspeed",
+        zero_stage=stage,
+    )
+    ranks = run_multiprocess(_resume_runs, 2, spec, str(tmp_path), 1, timeout=280)
+    for r in ranks:
+        assert r["resumed"]["resumed_from"] == 1
+        assert len(r["resumed"]["history"]) == 2  # rounds 2 and 3 only
+        for n, p in r["straight"]["params"].items():
+            assert_close(r["resumed"]["params"][n], p, rtol=1e-6, name=n)
+        assert r["resumed"]["bytes_sent"] == r["straight"]["bytes_sent"]
+        straight_losses = [h["inner_loss"] for h in r["straight"]["history"][1:]]
+        resumed_losses = [h["inner_loss"] for h in r["resumed"]["history"]]
+        assert resumed_losses == pytest.approx(straight_losses, rel=1e-6)
+        assert "island of 4 ranks" in r["error"] and "same world size" in r["error"]
+    files = sorted(p.name for p in (tmp_path / "round_000003").iterdir())
+    assert files == ["global.pt", "worker_0.pt", "worker_1.pt"]
+    state = torch.load(tmp_path / "round_000003" / "worker_1.pt", weights_only=False)
+    assert sorted(state["zero"]) == [0, 1] and state["island_size"] == 2
+
+
+def _torch_vs_deepspeed_islands(spec: TrainSpec) -> dict:
+    """World 4 = 2 islands x 2 ranks: the torch islands, then one ZeRO engine per island."""
+    from verger.core.distributed.deepspeed import zero_stage
+    from verger.sparse_diloco.deepspeed_island import DeepSpeedDiLoCo
+    from verger.sparse_diloco.runner import distributed_main
+
+    _skip_shm_op()
+    torch.set_num_threads(1)
+    seen: list[tuple[int, int, int]] = []
+    make_worker = DeepSpeedDiLoCo.make_worker
+
+    def spy(self: DeepSpeedDiLoCo, k: int):  # records each worker's ZeRO engine and island
+        worker = make_worker(self, k)
+        engine = self.engines[k]
+        seen.append((k, zero_stage(engine), engine.dp_world_size))
+        return worker
+
+    DeepSpeedDiLoCo.make_worker = spy  # type: ignore[method-assign]
+    plain = distributed_main(spec)
+    zero = distributed_main(replace(spec, inner_engine="deepspeed", zero_stage=2))
+    return {"plain": plain, "zero": zero, "seen": seen}
+
+
+@pytest.mark.timeout(400)  # 4 DeepSpeed processes: ~20 s on 2 shared cores
+def test_zero_islands_on_subgroups_equal_torch_islands():
+    pytest.importorskip("deepspeed")
+    spec = TrainSpec(
+        task="toy",
+        plan="mlp",
+        config=DiLoCoConfig(num_workers=2, inner_steps=3, inner_lr=3e-3, inner_warmup=2),
+        rounds=2,
+    )
+    sim = train_run(spec)
+    ranks = run_multiprocess(_torch_vs_deepspeed_islands, 4, spec, timeout=380)
+    for rank, r in enumerate(ranks):
+        assert r["seen"] == [(rank // 2, 2, 2)]  # one ZeRO-2 engine, over its island's 2 ranks
+        for n, p in r["plain"]["params"].items():
+            assert_close(r["zero"]["params"][n], p, rtol=1e-5, name=n)
+            assert_close(p, sim["params"][n], rtol=1e-5, name=n)
+        assert not torch.equal(r["zero"]["params"][n], toy_model(0).state_dict()[n])
+        assert r["zero"]["bytes_sent"] == r["plain"]["bytes_sent"]
+        zl = [h["val_loss"] for h in r["zero"]["history"]]
+        pl = [h["val_loss"] for h in r["plain"]["history"]]
+        assert zl == pytest.approx(pl, rel=1e-5)

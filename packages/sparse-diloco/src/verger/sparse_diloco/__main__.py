@@ -54,11 +54,7 @@ def _train(args: argparse.Namespace) -> int:
         config=config,
         rounds=args.rounds,
         seed=args.seed,
-        checkpoint_dir=(
-            None
-            if args.inner_engine == "deepspeed" and args.checkpoint_dir is None
-            else str(args.checkpoint_dir or args.out / "checkpoints")
-        ),
+        checkpoint_dir=str(args.checkpoint_dir or args.out / "checkpoints"),
         inner_engine=args.inner_engine,
         zero_stage=args.zero_stage,
     )
@@ -137,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--inner-engine",
         default="torch",
         choices=["torch", "deepspeed"],
-        help="deepspeed: under torchrun, each worker is a ZeRO island over all ranks",
+        help="deepspeed: under torchrun, each worker is a ZeRO island (over all ranks, or "
+        "over R ranks when the world is W x R with R > 1)",
     )
     train.add_argument("--zero-stage", type=int, default=2, choices=[1, 2])
     args = parser.parse_args(argv)

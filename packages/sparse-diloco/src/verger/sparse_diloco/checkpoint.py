@@ -38,13 +38,19 @@ class RunCheckpointer:
     ) -> Path:
         """Write this process's workers (and the global state when ``write_global``).
 
-        Ranks of one island hold identical worker state: only one of them writes it.
+        Ranks of one island hold identical worker state: only one of them writes it. With an
+        engine whose worker state is collective (DeepSpeed: ZeRO shards gathered to the
+        island's rank 0) every rank takes part and ``write_workers`` picks the writer.
         """
         folder = self._round_dir(engine.rounds_done)
         folder.mkdir(parents=True, exist_ok=True)
-        for k in engine.workers if write_workers else ():
-            with atomic_path(folder / f"worker_{k}.pt") as tmp:
-                torch.save(engine.worker_state_dict(k), tmp)
+        for k in engine.workers:
+            if not (write_workers or engine.collective_worker_state):
+                continue
+            state = engine.worker_state_dict(k)
+            if write_workers:
+                with atomic_path(folder / f"worker_{k}.pt") as tmp:
+                    torch.save(state, tmp)
         if write_global:
             with atomic_path(folder / "global.pt") as tmp:
                 torch.save(engine.global_state_dict(), tmp)

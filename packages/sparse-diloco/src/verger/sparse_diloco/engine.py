@@ -65,6 +65,9 @@ class DiLoCo:
     and gradients are averaged over the island before each inner step.
     """
 
+    #: True when `worker_state_dict` is collective over the island (every rank must call it).
+    collective_worker_state = False
+
     def __init__(
         self,
         model: nn.Module,

@@ -89,17 +89,12 @@ class TrainSpec:
     checkpoint_dir: str | None = None
     eval_every: int = 1
     crash: tuple[int, int] | None = None  # (worker, round): that worker dies there (tests)
-    inner_engine: str = "torch"  # "deepspeed": ZeRO island over the whole world (extra)
+    inner_engine: str = "torch"  # "deepspeed": each island a ZeRO engine (extra)
     zero_stage: int = 2
 
     def __post_init__(self) -> None:
         if self.inner_engine not in INNER_ENGINES:
             raise ValueError(f"inner_engine={self.inner_engine!r} must be one of {INNER_ENGINES}")
-        if self.inner_engine == "deepspeed" and self.checkpoint_dir is not None:
-            raise ValueError(
-                "checkpoint_dir must be None with inner_engine='deepspeed' (worker checkpoints "
-                "are not supported with the DeepSpeed inner engine yet)"
-            )
         self._validate()
 
     def _validate(self) -> None:
@@ -187,14 +182,17 @@ def distributed_main(spec: TrainSpec) -> dict[str, Any]:
     With world size W (= ``config.num_workers``) each rank is a worker. With world size
     W x R, worker k is the island of ranks [k R, (k+1) R): data parallel inside the island,
     pseudo-gradients exchanged between the ranks that share an island position. With
-    ``inner_engine="deepspeed"`` every rank runs all W workers, each a ZeRO island over the
-    whole world.
+    ``inner_engine="deepspeed"`` each island is a ZeRO engine over its R ranks, the W islands
+    running in parallel; when the world size is not W x R with R > 1, every rank runs all W
+    workers instead, each a ZeRO island over the whole world.
     """
     from verger.core.distributed import make_groups
 
     world_size, workers = dist.get_world_size(), spec.config.num_workers
-    if spec.inner_engine == "deepspeed":  # every worker is a ZeRO island over all the ranks
-        return train_run(spec, is_main=dist.get_rank() == 0)
+    rank = dist.get_rank()
+    if spec.inner_engine == "deepspeed" and (world_size <= workers or world_size % workers):
+        # every worker is a ZeRO island over all the ranks; rank 0 writes every file
+        return train_run(spec, is_main=rank == 0, writes_workers=rank == 0)
     if world_size % workers:
         raise ValueError(
             f"world size {world_size} is not a multiple of config.num_workers={workers}: "
