@@ -1,5 +1,7 @@
 """The causal linear kernels (chunked torch and Triton) against the naive O(N²) spec."""
 
+import functools
+
 import pytest
 import torch
 
@@ -103,6 +105,7 @@ def _grads_vs_reference(fn, ref_fn, q, k, v, **kwargs):
     qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = ref_fn(qf, kf, vf)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.dtype)
+    grad = grad.to(ref.device)
     got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
     want = torch.autograd.grad(ref, (qf, kf, vf), grad)
     return out, ref, got, want
@@ -184,15 +187,12 @@ def test_triton_causal_linear_forward_backward(dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_on_gpu_all_dtypes(dtype):
     q, k, v = (t.cuda().requires_grad_() for t in _features(2, 4, 1000, 64, dtype=dtype))
-    out = causal_linear(q, k, v)  # auto -> triton on CUDA
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = causal_linear_reference(qf, kf, vf)
-    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    out, ref, got, want = _grads_vs_reference(  # auto -> triton on CUDA
+        causal_linear, causal_linear_reference, q, k, v
+    )
+    assert_close(out, ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
     for name, a, b in zip("qkv", got, want):
-        assert_close(a.float(), b, rtol=2e-2, name=f"d{name}")
+        assert_close(a.float(), b.float(), rtol=2e-2, name=f"d{name}")
 
 
 @pytest.mark.gpu
@@ -200,18 +200,15 @@ def test_triton_on_gpu_all_dtypes(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, dim", [(32768, 64), (4096, 128), (2000, 256)])
 def test_triton_on_gpu_long_sequences_and_wide_heads(dtype, n, dim):
-    # Against the fp32 chunked torch path on the same GPU: at 32k tokens the inter-chunk dq/dk
+    # Against the chunked torch path in fp64 on the same GPU: at 32k tokens the inter-chunk dq/dk
     # terms cancel to ~1/180 of their size, the case that needs fp32 states and 3xTF32.
     q, k, v = (t.cuda().to(dtype).requires_grad_() for t in _features(1, 4, n, dim, seed=7))
-    out = causal_linear(q, k, v)
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = causal_linear(qf, kf, vf, backend="torch")
-    assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+    out, ref, got, want = _grads_vs_reference(
+        causal_linear, functools.partial(causal_linear, backend="torch"), q, k, v
+    )
+    assert_close(out, ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
     for name, a, b in zip("qkv", got, want):
-        assert_close(a.float(), b, rtol=3e-2, name=f"d{name}")
+        assert_close(a.float(), b.float(), rtol=3e-2, name=f"d{name}")
 
 
 @pytest.mark.gpu

@@ -67,28 +67,36 @@ def _torch_vs_deepspeed(spec: TrainSpec, stage: int) -> dict:
     return {"plain": plain, "zero": zero, "stages": stages}
 
 
+TOY_SPEC = TrainSpec(
+    task="toy",
+    plan="mlp",
+    config=DiLoCoConfig(num_workers=2, inner_steps=3, inner_lr=3e-3, inner_warmup=2),
+    rounds=2,
+)
+
+
+def _assert_zero_equals_plain(r: dict, sim: dict) -> None:
+    """One rank's DeepSpeed run equals its torch run and the one-process simulator."""
+    for n, p in r["plain"]["params"].items():
+        assert_close(r["zero"]["params"][n], p, rtol=1e-5, name=n)
+        assert_close(p, sim["params"][n], rtol=1e-5, name=n)
+    assert not torch.equal(r["zero"]["params"][n], toy_model(0).state_dict()[n])
+    assert r["zero"]["bytes_sent"] == r["plain"]["bytes_sent"]
+    zl = [h["val_loss"] for h in r["zero"]["history"]]
+    pl = [h["val_loss"] for h in r["plain"]["history"]]
+    assert zl == pytest.approx(pl, rel=1e-5)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_zero_island_equals_torch_island(stage):
     pytest.importorskip("deepspeed")
-    spec = TrainSpec(
-        task="toy",
-        plan="mlp",
-        config=DiLoCoConfig(num_workers=2, inner_steps=3, inner_lr=3e-3, inner_warmup=2),
-        rounds=2,
-    )
+    spec = TOY_SPEC
     sim = train_run(spec)  # one process: the island's batch halves average to the full batch
     ranks = run_multiprocess(_torch_vs_deepspeed, 2, spec, stage, timeout=280)
     for r in ranks:
         assert r["stages"] == [stage, stage]  # one ZeRO engine per worker
-        for n, p in r["plain"]["params"].items():
-            assert_close(r["zero"]["params"][n], p, rtol=1e-5, name=n)
-            assert_close(p, sim["params"][n], rtol=1e-5, name=n)
-        assert not torch.equal(r["zero"]["params"][n], toy_model(0).state_dict()[n])
-        assert r["zero"]["bytes_sent"] == r["plain"]["bytes_sent"]
-        zl = [h["val_loss"] for h in r["zero"]["history"]]
-        pl = [h["val_loss"] for h in r["plain"]["history"]]
-        assert zl == pytest.approx(pl, rel=1e-5)
+        _assert_zero_equals_plain(r, sim)
 
 
 def test_deepspeed_engine_validation():
@@ -192,21 +200,9 @@ def _torch_vs_deepspeed_islands(spec: TrainSpec) -> dict:
 @pytest.mark.timeout(400)  # 4 DeepSpeed processes: ~20 s on 2 shared cores
 def test_zero_islands_on_subgroups_equal_torch_islands():
     pytest.importorskip("deepspeed")
-    spec = TrainSpec(
-        task="toy",
-        plan="mlp",
-        config=DiLoCoConfig(num_workers=2, inner_steps=3, inner_lr=3e-3, inner_warmup=2),
-        rounds=2,
-    )
+    spec = TOY_SPEC
     sim = train_run(spec)
     ranks = run_multiprocess(_torch_vs_deepspeed_islands, 4, spec, timeout=380)
     for rank, r in enumerate(ranks):
         assert r["seen"] == [(rank // 2, 2, 2)]  # one ZeRO-2 engine, over its island's 2 ranks
-        for n, p in r["plain"]["params"].items():
-            assert_close(r["zero"]["params"][n], p, rtol=1e-5, name=n)
-            assert_close(p, sim["params"][n], rtol=1e-5, name=n)
-        assert not torch.equal(r["zero"]["params"][n], toy_model(0).state_dict()[n])
-        assert r["zero"]["bytes_sent"] == r["plain"]["bytes_sent"]
-        zl = [h["val_loss"] for h in r["zero"]["history"]]
-        pl = [h["val_loss"] for h in r["plain"]["history"]]
-        assert zl == pytest.approx(pl, rel=1e-5)
+        _assert_zero_equals_plain(r, sim)

@@ -6,7 +6,13 @@ force one with ``backend="triton"|"torch"``). Inputs are validated: wrong shapes
 devices or non-contiguous tensors raise ``ValueError``/``TypeError`` naming the argument.
 """
 
-from verger.core.kernels._common import BACKENDS, interpreter_on, triton_available, use_backend
+from verger.core.kernels._common import (
+    BACKENDS,
+    interpreter_on,
+    next_power_of_2,
+    triton_available,
+    use_backend,
+)
 from verger.core.kernels.linear_cross_entropy import (
     auto_chunk_size,
     linear_cross_entropy,
@@ -23,6 +29,7 @@ __all__ = [
     "interpreter_on",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "next_power_of_2",
     "rms_norm",
     "rms_norm_reference",
     "rotary_reference",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.causal_linear.chunked import (
     DEFAULT_CHUNK_SIZE,
     causal_linear_backward_chunked,
@@ -24,7 +25,6 @@ from verger.fast_attention.ops.causal_linear.reference import (
     causal_product_reference,
 )
 from verger.fast_attention.ops.causal_linear.triton import (
-    HAS_TRITON,
     MAX_GRID_Z,
     MAX_HEAD_DIM,
     causal_linear_backward_triton,
@@ -51,12 +51,8 @@ def resolve_backend(
 ) -> str:
     """``auto`` picks Triton on CUDA when it is installed and the shapes fit its launch
     (``head_dim`` <= 256, ``batch_heads`` <= 65535), the chunked torch path otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z
-        return "triton" if device.type == "cuda" and HAS_TRITON and fits else "torch"
-    return backend
+    fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z
+    return pick_backend(backend, device, fits=fits, choices=BACKENDS)
 
 
 class _CausalProduct(torch.autograd.Function):

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from verger.core.kernels import next_power_of_2
+
 try:
     import triton
     import triton.language as tl
@@ -65,6 +67,60 @@ if HAS_TRITON:
         return tl.load(base + offs_k[:, None] * dv + offs_v[None, :], mask=mask, other=0.0)
 
     @triton.jit
+    def _chunk_program(states_ptr, n, n_chunks, e_size, BT: tl.constexpr):
+        """This program's chunk, head-dim block, batch·head, rows and chunk-state base."""
+        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
+        block = tl.program_id(1)
+        bh = tl.program_id(2).to(tl.int64)
+        offs_t = tl.arange(0, BT)
+        rows = chunk * BT + offs_t
+        base = states_ptr + (bh * n_chunks + chunk) * e_size
+        return block, bh, offs_t, rows, rows < n, base
+
+    @triton.jit
+    def _over_keys(
+        x_ptr, y_ptr, base, bh, n, dk, dv, rows, offs_v,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
+        WITH_Z: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Reduced over key-dim blocks (unrolled: a runtime loop spills): ``X Yᵀ`` (BT, BT),
+        ``X S[:, value block]`` (BT, BV) and, with ``WITH_Z``, ``X z`` (BT); X, Y are (n, dk)."""
+        pairs = tl.zeros([BT, BT], dtype=tl.float32)
+        inter = tl.zeros([BT, BV], dtype=tl.float32)
+        xz = tl.zeros([BT], dtype=tl.float32)
+        for kb in tl.static_range(K_BLOCKS):
+            offs_k = kb * BK + tl.arange(0, BK)
+            x = _rows_tile(x_ptr, bh, n, dk, rows, offs_k)
+            y = _rows_tile(y_ptr, bh, n, dk, rows, offs_k)
+            s = _state_tile(base, dk, dv, offs_k, offs_v)
+            pairs = tl.dot(x, tl.trans(y), pairs, input_precision=PRECISION)
+            x32 = x.to(tl.float32)
+            inter = tl.dot(x32, s, inter, input_precision=STATE_PRECISION)
+            if WITH_Z:
+                z = tl.load(base + dk * dv + offs_k, mask=offs_k < dk, other=0.0)
+                xz += tl.sum(x32 * z[None, :], axis=1)
+        return pairs, inter, xz
+
+    @triton.jit
+    def _over_values(
+        x_ptr, y_ptr, base, bh, n, dk, dv, rows, offs_k,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, V_BLOCKS: tl.constexpr,
+        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Reduced over value-dim blocks (unrolled): ``X Yᵀ`` (BT, BT) and
+        ``X S[key block, :]ᵀ`` (BT, BK); X, Y are (n, dv)."""
+        pairs = tl.zeros([BT, BT], dtype=tl.float32)
+        inter = tl.zeros([BT, BK], dtype=tl.float32)
+        for vb in tl.static_range(V_BLOCKS):
+            offs_v = vb * BV + tl.arange(0, BV)
+            x = _rows_tile(x_ptr, bh, n, dv, rows, offs_v)
+            y = _rows_tile(y_ptr, bh, n, dv, rows, offs_v)
+            s = _state_tile(base, dk, dv, offs_k, offs_v)
+            pairs = tl.dot(x, tl.trans(y), pairs, input_precision=PRECISION)
+            inter = tl.dot(x.to(tl.float32), tl.trans(s), inter, input_precision=STATE_PRECISION)
+        return pairs, inter
+
+    @triton.jit
     def _chunk_states_kernel(
         b_ptr,
         c_ptr,
@@ -85,16 +141,12 @@ if HAS_TRITON:
     ):
         """states[c] = [B_cᵀ C_c, Σ_t B_t] (forward) or [B_cᵀ (C_c / d), −Σ_t (w_t / d_t) B_t]
         (backward, ``GRAD``), for one (key block, value block) of one chunk."""
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
-        pid_kv = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
+        pid_kv, bh, _, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         n_vblocks = tl.cdiv(dv, BV)
         kb = pid_kv // n_vblocks
         vb = pid_kv % n_vblocks
         offs_k = kb * BK + tl.arange(0, BK)
         offs_v = vb * BV + tl.arange(0, BV)
-        rows = chunk * BT + tl.arange(0, BT)
-        mask_t = rows < n
         mask_k = offs_k < dk
         mask_v = offs_v < dv
         bt = tl.load(  # B_cᵀ as a (BK, BT) tile
@@ -113,7 +165,6 @@ if HAS_TRITON:
             h = tl.dot(bt, c.to(tl.float32) / d[:, None], input_precision=PRECISION)
         else:
             h = tl.dot(bt, c, input_precision=PRECISION)
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
         tl.store(
             base + offs_k[:, None] * dv + offs_v[None, :], h, mask=mask_k[:, None] & mask_v[None, :]
         )
@@ -177,35 +228,14 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
     ):
-        """One chunk, one value block: out = (tril(Q Kᵀ) V + Q S_c) / d, d = den + eps.
-
-        The key dimension is reduced in blocks of ``BK``, so registers do not grow with it.
-        """
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
-        pid_v = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
-        offs_t = tl.arange(0, BT)
+        """One chunk, one value block: out = (tril(Q Kᵀ) V + Q S_c) / d, d = den + eps."""
+        pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
-        rows = chunk * BT + offs_t
-        mask_t = rows < n
-        mask_v = offs_v < dv
-        mv = mask_t[:, None] & mask_v[None, :]
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
-        scores = tl.zeros([BT, BT], dtype=tl.float32)
-        inter = tl.zeros([BT, BV], dtype=tl.float32)
-        qz = tl.zeros([BT], dtype=tl.float32)
-        for kb in tl.static_range(K_BLOCKS):  # unrolled: a runtime loop spills
-            offs_k = kb * BK + tl.arange(0, BK)
-            mask_k = offs_k < dk
-            q = _rows_tile(q_ptr, bh, n, dk, rows, offs_k)
-            k = _rows_tile(k_ptr, bh, n, dk, rows, offs_k)
-            s = _state_tile(base, dk, dv, offs_k, offs_v)
-            scores = tl.dot(q, tl.trans(k), scores, input_precision=PRECISION)
-            q32 = q.to(tl.float32)
-            inter = tl.dot(q32, s, inter, input_precision=STATE_PRECISION)
-            if NORMALIZE:
-                z = tl.load(base + dk * dv + offs_k, mask=mask_k, other=0.0)
-                qz += tl.sum(q32 * z[None, :], axis=1)
+        mv = mask_t[:, None] & (offs_v < dv)[None, :]
+        scores, inter, qz = _over_keys(
+            q_ptr, k_ptr, base, bh, n, dk, dv, rows, offs_v,
+            BT, BK, BV, K_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION,
+        )  # fmt: skip
         scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
         v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
         if NORMALIZE:
@@ -243,25 +273,14 @@ if HAS_TRITON:
     ):
         """dq_i = (Σ_{j≤i, same chunk} (do_i·v_j − w_i) k_j + S_c do_i − w_i z_c) / d_i for one
         key block; the value dimension is reduced in blocks of ``BV``."""
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
-        pid_k = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
-        offs_t = tl.arange(0, BT)
+        pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
-        rows = chunk * BT + offs_t
-        mask_t = rows < n
         mask_k = offs_k < dk
         mk = mask_t[:, None] & mask_k[None, :]
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
-        dov = tl.zeros([BT, BT], dtype=tl.float32)
-        inter = tl.zeros([BT, BK], dtype=tl.float32)
-        for vb in tl.static_range(V_BLOCKS):  # unrolled: a runtime loop spills
-            offs_v = vb * BV + tl.arange(0, BV)
-            v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
-            do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
-            s = _state_tile(base, dk, dv, offs_k, offs_v)
-            dov = tl.dot(do, tl.trans(v), dov, input_precision=PRECISION)
-            inter = tl.dot(do.to(tl.float32), tl.trans(s), inter, input_precision=STATE_PRECISION)
+        dov, inter = _over_values(
+            do_ptr, v_ptr, base, bh, n, dk, dv, rows, offs_k,
+            BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
+        )  # fmt: skip
         k = _rows_tile(k_ptr, bh, n, dk, rows, offs_k)
         keep = offs_t[:, None] >= offs_t[None, :]
         if NORMALIZE:
@@ -301,25 +320,14 @@ if HAS_TRITON:
     ):
         """dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i for one key block: the intra-chunk part plus the
         reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks."""
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
-        pid_k = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
-        offs_t = tl.arange(0, BT)
+        pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
-        rows = chunk * BT + offs_t
-        mask_t = rows < n
         mask_k = offs_k < dk
         mk = mask_t[:, None] & mask_k[None, :]
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
-        vdo = tl.zeros([BT, BT], dtype=tl.float32)
-        grad = tl.zeros([BT, BK], dtype=tl.float32)
-        for vb in tl.static_range(V_BLOCKS):  # unrolled: a runtime loop spills
-            offs_v = vb * BV + tl.arange(0, BV)
-            v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
-            do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
-            ds = _state_tile(base, dk, dv, offs_k, offs_v)
-            vdo = tl.dot(v, tl.trans(do), vdo, input_precision=PRECISION)
-            grad = tl.dot(v.to(tl.float32), tl.trans(ds), grad, input_precision=STATE_PRECISION)
+        vdo, grad = _over_values(
+            v_ptr, do_ptr, base, bh, n, dk, dv, rows, offs_k,
+            BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
+        )  # fmt: skip
         q = _rows_tile(q_ptr, bh, n, dk, rows, offs_k)
         keep = offs_t[None, :] >= offs_t[:, None]  # row j (key), column i (query): i ≥ j
         if NORMALIZE:
@@ -358,25 +366,13 @@ if HAS_TRITON:
         STATE_PRECISION: tl.constexpr,
     ):
         """dv_j = Σ_{i≥j} (q_i·k_j) g_i for one value block: intra-chunk + later chunks."""
-        chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
-        pid_v = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
-        offs_t = tl.arange(0, BT)
+        pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
-        rows = chunk * BT + offs_t
-        mask_t = rows < n
-        mask_v = offs_v < dv
-        mv = mask_t[:, None] & mask_v[None, :]
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
-        scores_t = tl.zeros([BT, BT], dtype=tl.float32)
-        grad = tl.zeros([BT, BV], dtype=tl.float32)
-        for kb in tl.static_range(K_BLOCKS):  # unrolled: a runtime loop spills
-            offs_k = kb * BK + tl.arange(0, BK)
-            q = _rows_tile(q_ptr, bh, n, dk, rows, offs_k)
-            k = _rows_tile(k_ptr, bh, n, dk, rows, offs_k)
-            ds = _state_tile(base, dk, dv, offs_k, offs_v)
-            scores_t = tl.dot(k, tl.trans(q), scores_t, input_precision=PRECISION)
-            grad = tl.dot(k.to(tl.float32), ds, grad, input_precision=STATE_PRECISION)
+        mv = mask_t[:, None] & (offs_v < dv)[None, :]
+        scores_t, grad, _ = _over_keys(
+            k_ptr, q_ptr, base, bh, n, dk, dv, rows, offs_v,
+            BT, BK, BV, K_BLOCKS, False, PRECISION, STATE_PRECISION,
+        )  # fmt: skip
         scores_t = tl.where(offs_t[None, :] >= offs_t[:, None], scores_t, 0.0)
         do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
         if NORMALIZE:
@@ -398,10 +394,6 @@ if HAS_TRITON:
         tl.store(
             out_ptr + rows, tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1), mask=rows < n_rows
         )
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (max(x, 1) - 1).bit_length()
 
 
 def _device_arch(device: torch.device) -> int:
@@ -452,8 +444,8 @@ class _Plan:
         self.intra_prec = "tf32" if low else self.prec
         # Blocks of at most 64 along the head dims (unrolled loops reduce over the rest), and
         # shorter chunks for wider heads, so registers stay bounded up to MAX_HEAD_DIM.
-        self.bk = min(max(16, _next_pow2(self.dk)), 64)
-        self.bv = min(max(16, _next_pow2(self.dv)), 64)
+        self.bk = min(max(16, next_power_of_2(self.dk)), 64)
+        self.bv = min(max(16, next_power_of_2(self.dv)), 64)
         # Chunk length: the register budget decides. On sm_90 64 positions fit at head dim 64;
         # Ampere's mma.sync lowering of the 3xTF32 dots needs 32 (at 64, ptxas falls back to
         # 32 registers and spills kilobytes). See tests/test_kernel_resources.py.
@@ -463,7 +455,7 @@ class _Plan:
             cap = 64 if widest <= 64 else (32 if widest <= 128 else 16)
         else:
             cap = 32 if widest <= 64 else 16
-        self.bt = max(16, min(_next_pow2(chunk_size), cap))
+        self.bt = max(16, min(next_power_of_2(chunk_size), cap))
         self.k_blocks = triton.cdiv(self.dk, self.bk)
         self.v_blocks = triton.cdiv(self.dv, self.bv)
         self.n_chunks = triton.cdiv(self.n, self.bt) if self.n else 0
@@ -599,7 +591,7 @@ def causal_linear_backward_triton(
             rows = bh * plan.n
             _row_dot_kernel[(triton.cdiv(rows, 16),)](
                 do3, plan.flat(out, torch.float32), w3, rows, plan.dv,
-                BR=16, BV=max(16, _next_pow2(plan.dv)),
+                BR=16, BV=max(16, next_power_of_2(plan.dv)),
             )  # fmt: skip
         sizes = (plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size)
         states = plan.states(k3, v3, normalize=normalize)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from verger.fast_attention.ops._backend import BACKENDS, pick_backend
 from verger.fast_attention.ops.clustering.reference import (
     hamming_distance_reference,
     pack_bits,
 )
 from verger.fast_attention.ops.clustering.triton import (
-    HAS_TRITON,
     MAX_BITS,
     hamming_assign_triton,
 )
@@ -36,16 +36,10 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
-
 
 def resolve_backend(backend: str, device: torch.device, bits: int = 0) -> str:
     """``auto`` picks Triton on CUDA when it is installed and ``bits`` <= 64, torch otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON and bits <= MAX_BITS else "torch"
-    return backend
+    return pick_backend(backend, device, fits=bits <= MAX_BITS)
 
 
 def hash_codes(

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from verger.core.kernels import next_power_of_2
+
 try:
     import triton
     import triton.language as tl
@@ -83,10 +85,6 @@ if HAS_TRITON:
         tl.store(dist_ptr + out, ((bits - best) * 0.5).to(tl.int32), mask=mask_r)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (max(x, 1) - 1).bit_length()
-
-
 def launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
     """Compile-time tile sizes and ``num_warps`` of the launch (the resource tests use these).
 
@@ -95,8 +93,8 @@ def launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
     """
     return {
         "BN": 64,
-        "BC": min(64, max(16, _next_pow2(n_clusters))),
-        "BB": max(16, _next_pow2(bits)),
+        "BC": min(64, max(16, next_power_of_2(n_clusters))),
+        "BB": max(16, next_power_of_2(bits)),
         "num_warps": 4,
     }
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
+from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.gathered_attention.reference import gathered_attention_reference
 from verger.fast_attention.ops.gathered_attention.triton import (
-    HAS_TRITON,
     MAX_DIM,
     MAX_KEYS,
     gathered_attention_backward_triton,
@@ -23,8 +23,6 @@ from verger.fast_attention.ops.gathered_attention.triton import (
 )
 
 __all__ = ["gathered_attention", "gathered_attention_reference"]
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 class _GatheredAttention(torch.autograd.Function):
@@ -78,8 +76,6 @@ def gathered_attention(
     ``backend``: ``auto`` (Triton on CUDA when it fits: K ≤ 256, head dims ≤ 256), ``torch``
     or ``triton`` (also on CPU tensors under ``TRITON_INTERPRET=1``).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if q.dim() != 3 or k.dim() != 2 or v.dim() != 2 or key_rows.dim() != 2:
         raise ValueError(
             "expected q (B, W, D), k (M, D), v (M, Dv), key_rows (B, K); got "
@@ -105,9 +101,8 @@ def gathered_attention(
             f"query_pos {tuple(query_pos.shape)} must be (B, W) = {tuple(q.shape[:2])} and "
             f"key_pos {tuple(key_pos.shape)} must match key_rows {tuple(key_rows.shape)}"
         )
-    if backend == "auto":
-        fits = key_rows.shape[-1] <= MAX_KEYS and max(q.shape[-1], v.shape[-1]) <= MAX_DIM
-        backend = "triton" if q.is_cuda and HAS_TRITON and fits else "torch"
+    fits = key_rows.shape[-1] <= MAX_KEYS and max(q.shape[-1], v.shape[-1]) <= MAX_DIM
+    backend = pick_backend(backend, q.device, fits=fits)
     if backend == "torch":
         return gathered_attention_reference(q, k, v, key_rows, key_ok, scale, query_pos, key_pos)
     out = _GatheredAttention.apply(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from verger.core.kernels import next_power_of_2
+
 try:
     import triton
     import triton.language as tl
@@ -157,10 +159,6 @@ if HAS_TRITON:
         tl.store(dq_ptr + rows[:, None] * dim + offs_d[None, :], dq, mask=mq)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (max(x, 1) - 1).bit_length()
-
-
 def launch_meta(
     n_w: int,
     dim: int,
@@ -177,12 +175,12 @@ def launch_meta(
     heads and for the backward (which holds q, do, dq and the key tiles at once), so every
     tile stays in registers (tests/test_kernel_resources.py).
     """
-    bd = max(16, _next_pow2(dim))
-    bdv = max(16, _next_pow2(dim_v))
+    bd = max(16, next_power_of_2(dim))
+    bdv = max(16, next_power_of_2(dim_v))
     widest = max(bd, bdv)
     fp32 = dtype == torch.float32  # 3xTF32 dots hold each operand twice
     cap = 16 if backward else (64 if widest <= 64 and not fp32 else (32 if widest <= 128 else 16))
-    bw = max(16, min(_next_pow2(n_w), cap))
+    bw = max(16, min(next_power_of_2(n_w), cap))
     precision = "tf32x3" if fp32 else "tf32"
     return {"BW": bw, "BKB": 32 if widest <= 128 else 16, "BD": bd, "BDV": bdv, "HAS_MASK": has_mask,
             "CAUSAL": causal, "PRECISION": precision, "num_warps": 8 if backward or causal or widest > 64 else 4}  # fmt: skip
