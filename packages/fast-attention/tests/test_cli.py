@@ -15,6 +15,7 @@ def test_bench_sections_write_metrics_and_plots(tmp_path):
     bench.bench_causal(report, [64, 256], device, repeats=1)
     bench.bench_memory(report, device, sizes=(256, 1024))
     bench.bench_noncausal(report, 256, device, repeats=1)
+    bench.bench_causal_clustered(report, 256, device, repeats=1)
     bench.bench_generation(report, [32, 128], device, tokens=2)
     bench.bench_flops_efficiency(report, 256, device, repeats=1)
     report.write()
@@ -23,6 +24,8 @@ def test_bench_sections_write_metrics_and_plots(tmp_path):
         "causal_linear_fwdbwd_speedup_vs_sdpa_n256",
         "linear_fwd_speedup_vs_sdpa_n256",
         "improved_clustered_fwd_speedup_vs_sdpa_n256",
+        "causal_improved_clustered_fwd_speedup_vs_sdpa_n256",
+        "causal_clustered_fwd_speedup_vs_sdpa_n256",
         "causal_linear_peak_memory_ratio_n1024_over_n256",
         "generation_ms_per_token_ratio_ctx128_over_ctx32",
         "generation_speedup_vs_sdpa_kvcache_ctx128",

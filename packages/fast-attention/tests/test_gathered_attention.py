@@ -7,6 +7,7 @@ import torch
 
 from verger.core.testing import assert_close
 from verger.fast_attention import clustered as clustered_module
+from verger.fast_attention.causal_clustered import causal_clustered_attention
 from verger.fast_attention.clustered import clustered_attention
 from verger.fast_attention.ops.gathered_attention import (
     gathered_attention,
@@ -100,17 +101,25 @@ def test_improved_clustered_attention_is_the_same_through_the_triton_products(mo
     mask = torch.zeros(2, 90, dtype=torch.bool)
     mask[1, 70:] = True
 
-    def run():
-        out = clustered_attention(
-            q, k, v, n_clusters=6, topk=20, causal=causal, key_padding_mask=mask,
-            generator=torch.Generator().manual_seed(3),
-        )  # fmt: skip
+    centroids = torch.randn(2, 6, 16, generator=g)
+
+    def run(backend="torch"):
+        if causal:  # the Triton form: (chunk, cluster) blocks over top-k and chunk keys
+            out = causal_clustered_attention(
+                q, k, v, centroids, topk=20, chunk_size=16, key_padding_mask=mask,
+                backend=backend,
+            )  # fmt: skip
+        else:
+            out = clustered_attention(
+                q, k, v, n_clusters=6, topk=20, key_padding_mask=mask,
+                generator=torch.Generator().manual_seed(3),
+            )  # fmt: skip
         return out, torch.autograd.grad(out.square().sum(), (q, k, v))
 
     want, want_grads = run()
     forced = functools.partial(gathered_attention, backend="triton")
     monkeypatch.setattr(clustered_module, "gathered_attention", forced)
-    got, got_grads = run()
+    got, got_grads = run(backend="triton")
     assert_close(got, want, rtol=1e-5, name="out")
     for name, a, b in zip("qkv", got_grads, want_grads):
         assert_close(a, b, rtol=1e-5, name=f"d{name}")
@@ -151,8 +160,12 @@ def test_clustered_products_and_kmeans_on_gpu_match_cpu(causal):
     # the gathered top-k products, for fixed clusters
     assign, clusters = cluster_queries(cpu[0].detach(), n_clusters=50, generator=g)
     results = []
+    centroids = torch.randn(4, 50, 64, generator=g)
     for (q, k, v), a in ((cpu, assign), (gpu, assign.cuda())):
-        out = clustered_attention_from_clusters(q, k, v, a, clusters, topk=32, causal=causal)
+        if causal:  # the causal form's blocks: (chunk, cluster) groups with a position mask
+            out = causal_clustered_attention(q, k, v, centroids.to(q.device), topk=32)
+        else:
+            out = clustered_attention_from_clusters(q, k, v, a, clusters, topk=32)
         results.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
     (want, want_grads), (got, got_grads) = results
     assert_close(got.cpu(), want, rtol=1e-4, name="out")

@@ -5,6 +5,13 @@ verger.core's attention registry, so ``TransformerConfig(attention="linear")`` w
 """
 
 from verger.core import package_version
+from verger.fast_attention.causal_clustered import (
+    ClusteredAttentionState,
+    LearnedCentroids,
+    assign_to_centroids,
+    causal_clustered_attention,
+    causal_clustered_attention_step,
+)
 from verger.fast_attention.clustered import (
     cluster_queries,
     clustered_attention,
@@ -27,7 +34,6 @@ from verger.fast_attention.modules import (
     CausalLinearAttention,
     ClusteredAttention,
     ImprovedClusteredAttention,
-    KVCache,
     LinearAttention,
     register_with_core,
 )
@@ -40,15 +46,19 @@ register_with_core()
 __all__ = [
     "CausalLinearAttention",
     "ClusteredAttention",
+    "ClusteredAttentionState",
     "EluFeatureMap",
     "FavorFeatureMap",
     "FeatureMap",
     "ImprovedClusteredAttention",
-    "KVCache",
+    "LearnedCentroids",
     "LinearAttention",
     "LinearAttentionState",
     "__version__",
+    "assign_to_centroids",
     "available_feature_maps",
+    "causal_clustered_attention",
+    "causal_clustered_attention_step",
     "causal_linear",
     "causal_product",
     "cluster_queries",

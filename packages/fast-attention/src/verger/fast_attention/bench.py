@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from verger.core.bench import Report, compare, count_flops, measure_peak_memory, new_figure
+from verger.fast_attention.causal_clustered import causal_clustered_attention
 from verger.fast_attention.clustered import clustered_attention
 from verger.fast_attention.linear import (
     LinearAttentionState,
@@ -134,6 +135,29 @@ def bench_noncausal(report: Report, n: int, device: torch.device, repeats: int) 
     report.metric(f"sdpa_fwd_ms_n{n}", med["sdpa"] * 1e3)
     report.table(
         f"Non-causal forward, n={n} (100 clusters, top-k 32)",
+        [{"name": k, "ms": v * 1e3, "speedup vs sdpa": med["sdpa"] / v} for k, v in med.items()],
+    )
+
+
+def bench_causal_clustered(report: Report, n: int, device: torch.device, repeats: int) -> None:
+    """Causal forward at length n of the LM form (25 learned centroids, top-k 32) vs SDPA."""
+    qkv = _qkv(n, device)
+    centroids = torch.randn(HEADS, 25, DIM, device=device)
+
+    def form(topk: int | None) -> Callable[..., torch.Tensor]:
+        return lambda q, k, v: causal_clustered_attention(q, k, v, centroids, topk=topk)
+
+    fns = {
+        "sdpa": _no_grad(_sdpa_causal, qkv),
+        "causal_improved_clustered": _no_grad(form(32), qkv),
+        "causal_clustered": _no_grad(form(None), qkv),
+    }
+    med = _timing(fns, repeats)
+    for name in ("causal_improved_clustered", "causal_clustered"):
+        report.metric(f"{name}_fwd_ms_n{n}", med[name] * 1e3)
+        report.metric(f"{name}_fwd_speedup_vs_sdpa_n{n}", med["sdpa"] / med[name])
+    report.table(
+        f"Causal forward, n={n} (25 centroids, top-k 32, chunk 64)",
         [{"name": k, "ms": v * 1e3, "speedup vs sdpa": med["sdpa"] / v} for k, v in med.items()],
     )
 
@@ -295,12 +319,14 @@ def run_bench(args: argparse.Namespace) -> Report:
         "for both sides; medians of interleaved repeats (verger.core.bench.compare); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}."
     )
-    steps = tqdm(total=5, desc="bench sections")
+    steps = tqdm(total=6, desc="bench sections")
     bench_causal(report, sizes, device, repeats)
     steps.update()
     bench_memory(report, device)
     steps.update()
     bench_noncausal(report, 16384, device, repeats)
+    steps.update()
+    bench_causal_clustered(report, 16384, device, repeats)
     steps.update()
     bench_generation(report, [1024, 16384], device, 64 if quick else 256)
     steps.update()

@@ -5,11 +5,8 @@ is computed once per cluster centroid (the mean of its queries): O(N·C·D) inst
 Improved clustered attention then gives each query its exact softmax over the centroid's top-k
 keys, scaled by the centroid's mass on them; the other keys keep the centroid's weights.
 
-A causal variant (for language models, not in the paper) renormalizes the centroid's weights
-over the keys each query may see. The centroid row prefix sums are exactly causal linear
-attention with one-hot query features, so it reuses the chunked ``causal_linear`` kernel.
-Caveat: cluster membership and centroids are computed from all queries of the sequence, so
-the weights (never the values) at position i depend on later queries.
+Its centroids are means over the whole sequence, so it is not causal; decoders use
+``causal_clustered_attention`` (centroids fixed before the sequence, see causal_clustered.py).
 
 On CUDA the Hamming k-means assignment and the exact top-k products run as Triton kernels
 (``ops.clustering``, ``ops.gathered_attention``); on CPU as batched torch matmuls and gathers.
@@ -17,12 +14,12 @@ On CUDA the Hamming k-means assignment and the exact top-k products run as Trito
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
 from verger.fast_attention.feature_maps import compute_dtype
-from verger.fast_attention.ops.causal_linear import causal_linear
 from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
 from verger.fast_attention.ops.gathered_attention import gathered_attention
 
@@ -103,7 +100,6 @@ def clustered_attention_from_clusters(
     *,
     topk: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """The attention products for given assignments (B, H, Nq) in [0, n_clusters)."""
@@ -124,11 +120,7 @@ def clustered_attention_from_clusters(
     if pad is not None:
         logits = logits.masked_fill(pad[:, None, :], float("-inf"))
     kk = None if topk is None else min(topk, nk)
-    if causal:
-        out = _causal_products(q3, k3, v3, a3, logits, kk, pad, scale)
-    else:
-        out = _products(q3, k3, v3, a3, logits, kk, pad, scale)
-    out = out.view(b, h, nq, dv)
+    out = _products(q3, k3, v3, a3, logits, kk, pad, scale).view(b, h, nq, dv)
     if key_padding_mask is not None and nq == nk:
         out = out.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     return out.to(v.dtype)
@@ -161,6 +153,45 @@ def _block_layout(a3: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.
     return rows, block_cluster, width
 
 
+@dataclass
+class QueryBlocks:
+    """Queries grouped into blocks that share one key list (see ``query_blocks``)."""
+
+    rows: torch.Tensor  # (G·N,) each query's row in the flat (G·B·W) block layout
+    queries: torch.Tensor  # (G·B, W, D), zero rows where a group does not fill its block
+    key_rows: torch.Tensor  # (G·B, K) rows of the flattened (G·n_keys, ·) key tensors
+    key_ok: torch.Tensor | None  # (G·B, K) bool
+    key_pos: torch.Tensor  # (G·B, K) key positions in the sequence
+    group: torch.Tensor  # (G, B) the group of every block
+
+
+def query_blocks(
+    q3: torch.Tensor,
+    a3: torch.Tensor,
+    key_idx: torch.Tensor,
+    key_ok: torch.Tensor | None,
+    n_keys: int,
+) -> QueryBlocks:
+    """Queries (G, N, D) of each group ``a3`` (G, N) copied into blocks that share its keys.
+
+    ``key_idx`` (G, groups, K): every group's key positions (< ``n_keys``); ``key_ok`` the
+    matching bool mask or None.
+    """
+    g, n, d = q3.shape
+    kk = key_idx.shape[2]
+    rows, block_group, width = _block_layout(a3, key_idx.shape[1])
+    nb = block_group.shape[1]
+    per_block = block_group[..., None].expand(g, nb, kk)
+    positions = key_idx.gather(1, per_block)
+    key_rows = _flat_rows(positions, n_keys).reshape(g * nb, kk)
+    ok = None if key_ok is None else key_ok.gather(1, per_block).reshape(g * nb, kk)
+    q_blk = q3.new_zeros(g * nb * width, d).index_copy(0, rows, q3.reshape(g * n, d))
+    return QueryBlocks(
+        rows, q_blk.view(g * nb, width, d), key_rows, ok, positions.reshape(g * nb, kk),
+        block_group,
+    )  # fmt: skip
+
+
 def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale, causal=False):  # type: ignore[no-untyped-def]
     """Exact softmax of each query over its cluster's top-k keys, computed block by block.
 
@@ -170,24 +201,18 @@ def _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale, causal=False):  
     keys j <= i among them (a query that may use none gets zeros).
     """
     g, n, d = q3.shape
-    clusters, kk = top_idx.shape[1], top_idx.shape[2]
-    rows, block_cluster, width = _block_layout(a3, clusters)
-    nb = block_cluster.shape[1]
-    per_block = block_cluster[..., None].expand(g, nb, kk)
-    key_rows = _flat_rows(top_idx.gather(1, per_block), k3.shape[1]).reshape(g * nb, kk)
-    ok = None if key_ok is None else key_ok.gather(1, per_block).reshape(g * nb, kk)
-    q_blk = q3.new_zeros(g * nb * width, d).index_copy(0, rows, q3.reshape(g * n, d))
-    query_pos = key_pos = None
+    blocks = query_blocks(q3, a3, top_idx, key_ok, k3.shape[1])
+    q_blk = blocks.queries
+    query_pos = None
     if causal:  # padding rows of the blocks get position -1: no key, zero output
         pos = torch.arange(n, device=q3.device).repeat(g)
-        query_pos = torch.full((g * nb * width,), -1, device=q3.device, dtype=torch.long)
-        query_pos = query_pos.index_copy(0, rows, pos).view(g * nb, width)
-        key_pos = top_idx.gather(1, per_block).reshape(g * nb, kk)
+        query_pos = torch.full((q_blk.shape[0] * q_blk.shape[1],), -1, device=q3.device)
+        query_pos = query_pos.index_copy(0, blocks.rows, pos).view(q_blk.shape[:2])
     out = gathered_attention(
-        q_blk.view(g * nb, width, d), k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]),
-        key_rows, ok, scale=scale, query_pos=query_pos, key_pos=key_pos,
+        q_blk, k3.reshape(-1, d), v3.reshape(-1, v3.shape[-1]), blocks.key_rows, blocks.key_ok,
+        scale=scale, query_pos=query_pos, key_pos=blocks.key_pos if causal else None,
     )  # fmt: skip
-    return out.reshape(g * nb * width, -1).index_select(0, rows).view(g, n, -1)
+    return out.reshape(-1, out.shape[-1]).index_select(0, blocks.rows).view(g, n, -1)
 
 
 def _products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]
@@ -203,32 +228,6 @@ def _products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untype
     return _rows(mass, a3) * exact + _rows(v_rest, a3)
 
 
-def _causal_products(q3, k3, v3, a3, logits, kk, pad, scale):  # type: ignore[no-untyped-def]
-    nq = q3.shape[1]
-    clusters = logits.shape[1]
-    # e[c, j] = exp(logit - max_c): a per-cluster constant, which cancels in every ratio below
-    e = torch.exp(logits - logits.amax(-1, keepdim=True).detach().clamp_min(-1e30))
-    onehot = F.one_hot(a3, clusters).to(q3.dtype)
-    base = causal_linear(onehot, e.mT.contiguous(), v3, eps=1e-30)
-    if kk is None:
-        return base
-    z = e.cumsum(-1).gather(1, a3[:, None, :]).squeeze(1)  # Σ_{j≤i} e[c_i, j]
-    _, top_idx = logits.topk(kk, -1)
-    idx = _rows(top_idx, a3)  # (G, Nq, kk)
-    pos = torch.arange(nq, device=q3.device)
-    allowed = idx <= pos[None, :, None]
-    if pad is not None:
-        allowed &= ~pad.gather(1, idx.flatten(1)).view_as(idx)
-    flat = (a3[..., None] * e.shape[-1] + idx).flatten(1)
-    e_top = e.flatten(1).gather(1, flat).view_as(idx) * allowed
-    inv_z = 1.0 / (z + 1e-30)
-    removed = torch.einsum("gnk,gnkd->gnd", e_top, _rows(v3, idx)) * inv_z[..., None]
-    mass = (e_top.sum(-1) * inv_z)[..., None]
-    key_ok = None if pad is None else ~pad.gather(1, top_idx.flatten(1)).view_as(top_idx)
-    exact = _topk_exact_blocked(q3, k3, v3, a3, top_idx, key_ok, scale, causal=True)
-    return base - removed + mass * exact
-
-
 def clustered_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -239,9 +238,9 @@ def clustered_attention(
     iterations: int = 10,
     topk: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
     scale: float | None = None,
     generator: torch.Generator | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Clustered (``topk=None``) or improved clustered (``topk=int``) softmax attention.
 
@@ -251,8 +250,16 @@ def clustered_attention(
     outputs at padded query positions are zero (self-attention), and every sequence needs at
     least one real key. ``generator`` makes the hash planes reproducible. Gradients flow to q
     (through the centroids and the exact top-k scores), k and v; the clustering is discrete.
+    ``causal=True`` is refused: centroids of the whole sequence would let position i depend
+    on later tokens; use ``causal_clustered_attention`` with fixed centroids instead.
     """
-    check_qkv(q, k, v, same_length=causal)
+    if causal:
+        raise ValueError(
+            "clustered_attention is not causal (its centroids average all queries, later ones "
+            "too); use causal_clustered_attention(q, k, v, centroids, topk=...) or "
+            "ClusteredAttention(causal=True), which learns the centroids"
+        )
+    check_qkv(q, k, v, same_length=False)
     check_positive_int("n_clusters", n_clusters)
     if topk is not None:
         check_positive_int("topk", topk)
@@ -273,5 +280,5 @@ def clustered_attention(
     if clusters == 0:
         return v.new_zeros(*q.shape[:3], v.shape[-1])
     return clustered_attention_from_clusters(
-        q, k, v, assign, clusters, topk=topk, key_padding_mask=mask, causal=causal, scale=scale
+        q, k, v, assign, clusters, topk=topk, key_padding_mask=mask, scale=scale
     )

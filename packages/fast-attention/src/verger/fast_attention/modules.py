@@ -7,19 +7,24 @@ protocol ``forward(x, *, cache=None, use_cache=False, start_pos=0) -> (y, cache)
 
 Registered names (``TransformerConfig(attention=name, attention_options={...})``):
 ``linear`` (causal linear attention; cache = its recurrent state), ``clustered`` and
-``improved_clustered`` (causal variants; cache = keys and values).
+``improved_clustered`` (causal forms with learned centroids; cache = their recurrent state).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from verger.fast_attention._checks import check_positive_int
+from verger.fast_attention.causal_clustered import (
+    ClusteredAttentionState,
+    LearnedCentroids,
+    assign_to_centroids,
+    causal_clustered_attention,
+    causal_clustered_attention_step,
+)
 from verger.fast_attention.clustered import clustered_attention
 from verger.fast_attention.feature_maps import FeatureMap, get_feature_map
 from verger.fast_attention.linear import (
@@ -32,17 +37,8 @@ __all__ = [
     "CausalLinearAttention",
     "ClusteredAttention",
     "ImprovedClusteredAttention",
-    "KVCache",
     "LinearAttention",
 ]
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the positions seen so far, (batch, heads, seq, head_dim) each."""
-
-    k: Tensor
-    v: Tensor
 
 
 class _Projected(nn.Module):
@@ -149,8 +145,12 @@ class CausalLinearAttention(LinearAttention):
 class ClusteredAttention(_Projected):
     """Multi-head clustered attention (``topk=None``) or improved clustered (``topk`` int).
 
-    ``causal=True`` is the decoder variant (see ``clustered_attention``); its cache holds keys
-    and values, and a single new query forms its own cluster, i.e. exact softmax attention.
+    Non-causal: the paper's encoder form (``clustered_attention``: Hamming k-means of each
+    sequence's queries). ``causal=True``: the decoder form (``causal_clustered_attention``)
+    with ``n_clusters`` centroids per head learned across training batches
+    (``LearnedCentroids``, moving-average ``centroid_decay``), so position i depends on
+    positions ≤ i only; its cache is a constant-size ``ClusteredAttentionState``.
+    ``chunk_size``: the causal form's exact local window and top-k granularity.
     ``rotary_max_seq_len`` adds rotary position embeddings to q and k (verger.core's).
     """
 
@@ -164,6 +164,8 @@ class ClusteredAttention(_Projected):
         iterations: int = 10,
         topk: int | None = None,
         causal: bool = False,
+        chunk_size: int = 64,
+        centroid_decay: float = 0.99,
         rotary_max_seq_len: int | None = None,
         rope_base: float = 10000.0,
     ) -> None:
@@ -172,7 +174,14 @@ class ClusteredAttention(_Projected):
         self.bits = check_positive_int("bits", bits)
         self.iterations = check_positive_int("iterations", iterations)
         self.topk = None if topk is None else check_positive_int("topk", topk)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.causal = causal
+        self.centroids: LearnedCentroids | None = None
+        if causal:
+            self.centroids = LearnedCentroids(
+                n_heads, n_clusters, self.head_dim, decay=centroid_decay, bits=bits,
+                iterations=iterations,
+            )  # fmt: skip
         self.rotary: nn.Module | None = None
         if rotary_max_seq_len is not None:
             from verger.core.nn import RotaryEmbedding
@@ -184,46 +193,59 @@ class ClusteredAttention(_Projected):
             return t
         return self.rotary(t.transpose(1, 2), start_pos).transpose(1, 2)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        return clustered_attention(
-            q,
-            k,
-            v,
-            n_clusters=self.n_clusters,
-            bits=self.bits,
-            iterations=self.iterations,
-            topk=self.topk,
-            key_padding_mask=mask,
-            causal=causal,
-        )
-
     def forward(
         self,
         x: Tensor,
         *,
-        cache: KVCache | None = None,
+        cache: ClusteredAttentionState | None = None,
         use_cache: bool = False,
         start_pos: int = 0,
         key_padding_mask: Tensor | None = None,
-    ) -> tuple[Tensor, KVCache | None]:
+    ) -> tuple[Tensor, ClusteredAttentionState | None]:
         if (cache is not None or use_cache) and not self.causal:
             raise ValueError("cache/use_cache need causal=True")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, ClusteredAttentionState):
+            raise TypeError(f"cache must be a ClusteredAttentionState, got {type(cache).__name__}")
         q, k, v = self._qkv(x)
         q, k = self._rope(q, start_pos), self._rope(k, start_pos)
-        if cache is None:
-            y = self._attend(q, k, v, key_padding_mask, self.causal)
-            return self._out(y), (KVCache(k, v) if use_cache else None)
-        outs = []
-        for t in range(q.shape[2]):
-            k_all = torch.cat((cache.k, k[:, :, t : t + 1]), 2)
-            v_all = torch.cat((cache.v, v[:, :, t : t + 1]), 2)
-            cache = KVCache(k_all, v_all)
-            # one new query is its own cluster and centroid, so clustered attention over the
-            # cached keys is exactly softmax attention: skip hashing and k-means
-            outs.append(F.scaled_dot_product_attention(q[:, :, t : t + 1], k_all, v_all))
-        return self._out(torch.cat(outs, 2)), (cache if use_cache else None)
+        if self.centroids is None:
+            y = clustered_attention(
+                q, k, v, n_clusters=self.n_clusters, bits=self.bits, iterations=self.iterations,
+                topk=self.topk, key_padding_mask=key_padding_mask,
+            )  # fmt: skip
+            return self._out(y), None
+        if cache is not None:
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask applies to the prompt, not to cached steps")
+            outs, state = [], cache
+            for t in range(q.shape[2]):  # continuing a cached prefix: the recurrent form
+                o, state = causal_clustered_attention_step(
+                    q[:, :, t], k[:, :, t], v[:, :, t], self.centroids.value, state
+                )
+                outs.append(o)
+            return self._out(torch.stack(outs, 2)), (state if use_cache else None)
+        return self._causal(q, k, v, key_padding_mask, use_cache)
+
+    def _causal(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, use_cache: bool
+    ) -> tuple[Tensor, ClusteredAttentionState | None]:
+        learned = self.centroids
+        assert learned is not None
+        if not bool(learned.ready):
+            learned.initialize(q, mask)
+        assign = assign_to_centroids(q, learned.value)
+        if self.training and torch.is_grad_enabled():
+            centroids = learned.straight_through(q, assign, mask)
+        else:
+            centroids = learned.value.clone()  # the update below must not touch saved tensors
+        result = causal_clustered_attention(
+            q, k, v, centroids, topk=self.topk, chunk_size=self.chunk_size,
+            key_padding_mask=mask, return_state=use_cache, assignments=assign,
+        )  # fmt: skip
+        y, state = result if use_cache else (result, None)
+        if self.training:
+            learned.update(q, assign, mask)
+        return self._out(y), state  # type: ignore[arg-type]
 
 
 class ImprovedClusteredAttention(ClusteredAttention):

@@ -82,7 +82,7 @@ def causal_product_chunked(
     prefix = ch.prefix(b3, c3, reverse=reverse)
     scores = torch.matmul(a3, b3.mT)
     scores = scores.triu_() if reverse else scores.tril_()
-    return ch.merge(torch.baddbmm(torch.bmm(a3, prefix), scores, c3))
+    return ch.merge(torch.bmm(a3, prefix).baddbmm_(scores, c3))
 
 
 def causal_product_backward_chunked(
@@ -106,9 +106,9 @@ def causal_product_backward_chunked(
     qdo_suffix = ch.prefix(q3, do3, reverse=True)  # Σ_{later chunks} q doᵀ
     d_scores = torch.matmul(do3, v3.mT).tril_()  # (do_i · v_j), j ≤ i
     scores = torch.matmul(q3, k3.mT).tril_()  # (q_i · k_j), j ≤ i
-    dq = torch.baddbmm(torch.matmul(do3, kv_prefix.mT), d_scores, k3)
-    dk = torch.baddbmm(torch.matmul(v3, qdo_suffix.mT), d_scores.mT, q3)
-    dv = torch.baddbmm(torch.matmul(k3, qdo_suffix), scores.mT, do3)
+    dq = torch.matmul(do3, kv_prefix.mT).baddbmm_(d_scores, k3)
+    dk = torch.matmul(v3, qdo_suffix.mT).baddbmm_(d_scores.mT, q3)
+    dv = torch.matmul(k3, qdo_suffix).baddbmm_(scores.mT, do3)
     return ch.merge(dq), ch.merge(dk), ch.merge(dv)
 
 
@@ -132,7 +132,7 @@ def causal_linear_forward_chunked(
     kv_prefix = ch.prefix(k3, v3, reverse=False)
     k_prefix = ch.prefix(k3, torch.ones_like(k3[..., :1]), reverse=False)  # (·, F, 1)
     scores = torch.matmul(q3, k3.mT).tril_()
-    num = torch.baddbmm(torch.bmm(q3, kv_prefix), scores, v3)
+    num = torch.bmm(q3, kv_prefix).baddbmm_(scores, v3)  # in place: no copy of the first term
     den = torch.bmm(q3, k_prefix).add_(scores.sum(-1, keepdim=True))
     num.div_(den + eps)
     return ch.merge(num), ch.merge(den)
@@ -169,9 +169,9 @@ def causal_linear_backward_chunked(
     qd_suffix = ch.prefix(q3, dden, reverse=True)  # Σ_{later chunks} q dden: (·, F, 1)
     d_scores = torch.baddbmm(dden, g3, v3.mT).tril_()  # g_i·v_j + dden_i, j ≤ i
     scores = torch.matmul(q3, k3.mT).tril_()
-    dq = torch.baddbmm(torch.bmm(g3, kv_prefix.mT), d_scores, k3)
+    dq = torch.bmm(g3, kv_prefix.mT).baddbmm_(d_scores, k3)
     dq.baddbmm_(dden, k_prefix.mT)
-    dk = torch.baddbmm(torch.bmm(v3, qg_suffix.mT), d_scores.mT, q3)
+    dk = torch.bmm(v3, qg_suffix.mT).baddbmm_(d_scores.mT, q3)
     dk.add_(qd_suffix.mT)
-    dv = torch.baddbmm(torch.bmm(k3, qg_suffix), scores.mT, g3)
+    dv = torch.bmm(k3, qg_suffix).baddbmm_(scores.mT, g3)
     return ch.merge(dq), ch.merge(dk), ch.merge(dv)

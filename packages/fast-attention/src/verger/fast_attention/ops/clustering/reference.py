@@ -32,7 +32,6 @@ def clustered_attention_reference(
     *,
     topk: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
-    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Dense spec of (improved) clustered attention for given cluster assignments (B, H, Nq).
@@ -40,8 +39,6 @@ def clustered_attention_reference(
     Builds every query's full weight row over the keys in float64 with Python loops: the
     centroid (mean of the cluster's valid queries) softmax row; improved: its top-k keys are
     replaced by the query's exact softmax over them, scaled by the centroid's mass on them.
-    Causal: query ``i`` renormalizes the centroid row over keys ``j ≤ i`` and keeps only the
-    top-k keys ``j ≤ i``.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -66,17 +63,61 @@ def clustered_attention_reference(
                 top = None
                 if topk is not None:
                     top = torch.topk(logits, min(topk, nk)).indices
+                    top = top[~pad[top]]
                 for i in members:
-                    allowed = ~pad.clone()
-                    if causal:
-                        allowed[i + 1 :] = False
-                    w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), 0)
+                    w = torch.softmax(logits, 0)
                     if top is not None:
-                        sel = top[allowed[top]]
-                        if len(sel):
-                            mass = w[sel].sum()
-                            exact = (k64[bi, hi, sel] @ q64[bi, hi, i]) * scale
-                            w = w.clone()
-                            w[sel] = mass * torch.softmax(exact, 0)
+                        w = _exact_on(w, top, q64[bi, hi, i], k64[bi, hi], scale)
                     out[bi, hi, i] = w @ v64[bi, hi]
+    return out
+
+
+def _exact_on(
+    w: torch.Tensor, keys: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Weight row w with the keys' entries replaced by q's exact softmax times their mass."""
+    w = w.clone()
+    w[keys] = w[keys].sum() * torch.softmax((k[keys] @ q) * scale, 0)
+    return w
+
+
+def causal_clustered_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    topk: int | None = None,
+    chunk_size: int = 64,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense spec of causal (improved) clustered attention with fixed centroids (H, C, D).
+
+    Query i takes the nearest centroid; its weights are the centroid's softmax over the valid
+    keys j ≤ i. Improved: E = the centroid's top-k keys among the chunks before i's chunk,
+    plus i's own chunk's keys j ≤ i, get i's exact softmax scaled by the centroid's mass on
+    them. float64, one Python loop step per query. Padded queries get zeros.
+    """
+    b, h, n, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    q64, k64, v64, c64 = q.double(), k.double(), v.double(), centroids.double()
+    out = torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        pad = torch.zeros(n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[bi]
+        for hi in range(h):
+            for i in range(n):
+                if pad[i]:
+                    continue
+                a = int(((c64[hi] - q64[bi, hi, i]) ** 2).sum(-1).argmin())
+                logits = (k64[bi, hi] @ c64[hi, a]) * scale
+                visible = ~pad.cpu() & (torch.arange(n) <= i)
+                w = torch.softmax(logits.masked_fill(~visible, float("-inf")), 0)
+                if topk is not None:
+                    start = i // chunk_size * chunk_size
+                    earlier = torch.nonzero(visible & (torch.arange(n) < start)).flatten()
+                    best = earlier[logits[earlier].topk(min(topk, len(earlier))).indices]
+                    own = torch.nonzero(visible & (torch.arange(n) >= start)).flatten()
+                    w = _exact_on(w, torch.cat((best, own)), q64[bi, hi, i], k64[bi, hi], scale)
+                out[bi, hi, i] = w @ v64[bi, hi]
     return out
