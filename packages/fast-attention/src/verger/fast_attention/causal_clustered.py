@@ -25,6 +25,7 @@ O(C·D + (topk + chunk_size)·D) per generated token, whatever the context lengt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -390,6 +391,57 @@ def _state_from_sequence(k3, v3, logits, key_pad, topk, chunk, scale, shape):  #
     state.chunk_values = v3.detach()[:, done:].reshape(b, h, n - done, v3.shape[-1])
     state.chunk_logits = logits[:, :, done:].reshape(b, h, clusters, n - done)
     return state
+
+
+@overload
+def causal_clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    topk: int | None = ...,
+    chunk_size: int = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    return_state: Literal[False] = ...,
+    assignments: torch.Tensor | None = ...,
+    backend: str = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def causal_clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    topk: int | None = ...,
+    chunk_size: int = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    return_state: Literal[True],
+    assignments: torch.Tensor | None = ...,
+    backend: str = ...,
+) -> tuple[torch.Tensor, ClusteredAttentionState]: ...
+
+
+@overload
+def causal_clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    topk: int | None = ...,
+    chunk_size: int = ...,
+    key_padding_mask: torch.Tensor | None = ...,
+    scale: float | None = ...,
+    return_state: bool,
+    assignments: torch.Tensor | None = ...,
+    backend: str = ...,
+) -> torch.Tensor | tuple[torch.Tensor, ClusteredAttentionState]: ...
 
 
 def causal_clustered_attention(
