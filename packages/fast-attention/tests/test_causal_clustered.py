@@ -174,7 +174,9 @@ def test_first_batch_seeds_the_centroids_then_they_move_by_the_moving_average():
     assert bool(m.centroids.ready) and seeded.abs().sum() > 0
     m(x)
     assert torch.equal(m.centroids.value, seeded)
-    m.train()(x)
+    y, _ = m.train()(x)
+    assert torch.equal(m.centroids.value, seeded)  # recorded, applied by the backward
+    y.sum().backward()
     q = m.q_proj(x).view(3, 20, 2, 8).transpose(1, 2).detach()
     a = assign_to_centroids(q, seeded)
     for h in range(2):
@@ -188,11 +190,12 @@ def test_first_batch_seeds_the_centroids_then_they_move_by_the_moving_average():
 def test_unused_centroids_are_reseeded_with_queries_of_the_batch():
     m = _module()
     x = torch.randn(2, 12, 16)
-    m(x)
     with torch.no_grad():
+        m(x)
         m.centroids.value[0, 1] = 1e4  # far from every query: never assigned
         m.centroids.usage[0, 1] = 0.0
-    m(x)
+    with torch.no_grad():
+        m(x)  # without gradients the update is applied at once
     q = m.q_proj(x).view(2, 12, 2, 8).transpose(1, 2)[:, 0].reshape(-1, 8)
     assert torch.isclose(q, m.centroids.value[0, 1].expand_as(q), atol=1e-5).all(-1).any()
     assert m.centroids.usage[0, 1] == pytest.approx(1 / 4)
@@ -205,6 +208,23 @@ def test_straight_through_centroids_train_the_query_projection():
     y, _ = m(x)
     y.square().sum().backward()
     assert m.q_proj.weight.grad is not None and m.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_recomputes_the_same_forward():
+    from torch.utils.checkpoint import checkpoint
+
+    m = _module()
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    m(x)  # seed; the next forwards record updates
+    plain = copy.deepcopy(m)
+    y, _ = plain(x)
+    want = torch.autograd.grad(y.square().sum(), (x, *plain.parameters()))
+    y2 = checkpoint(lambda t: m(t)[0], x, use_reentrant=False)
+    seeded = m.centroids.value.clone()
+    got = torch.autograd.grad(y2.square().sum(), (x, *m.parameters()))
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-6)
+    assert not torch.equal(m.centroids.value, seeded)  # the backward applied the update
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -227,7 +247,7 @@ def test_lm_generation_cache_equals_the_full_forward_and_centroids_are_saved():
     )
     model = TransformerLM(cfg)
     ids = torch.randint(0, 61, (2, 16))
-    model(ids, targets=ids)  # a training step's forward seeds and moves the centroids
+    model(ids, targets=ids).loss.backward()  # seeds the centroids, then moves them
     model.eval()
     full = model(ids, return_logits=True).logits
     out = model(ids[:, :7], use_cache=True, return_logits=True)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
-from verger.fast_attention.clustered import _topk_exact_blocked, query_blocks
+from verger.fast_attention.clustered import _rows, _topk_exact_blocked, query_blocks
 from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.gathered_attention.triton import MAX_DIM, MAX_KEYS
@@ -107,14 +107,6 @@ def assign_to_centroids(q: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
     c = _check_centroids(centroids, b, h, d).to(compute_dtype(q.dtype))
     dots = torch.matmul(q.to(c.dtype), c.mT)  # (B, H, N, C)
     return (c.square().sum(-1)[:, :, None, :] - 2 * dots).argmin(-1)
-
-
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (G, M, ...), idx (G, ...) long -> t[g, idx[g, ...]] of shape (G, ..., *t.shape[2:])."""
-    g, m = t.shape[:2]
-    offsets = torch.arange(g, device=idx.device).view(g, *([1] * (idx.dim() - 1))) * m
-    flat = t.reshape(g * m, *t.shape[2:]).index_select(0, (idx + offsets).reshape(-1))
-    return flat.view(*idx.shape, *t.shape[2:])
 
 
 def _safe(m: torch.Tensor) -> torch.Tensor:
@@ -287,7 +279,6 @@ def _top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, sc
 
 def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type: ignore[no-untyped-def]
     """The chunked parallel form on (G, N, ·) tensors; see the module docstring."""
-
     g, n, d = q3.shape
     nb = -(-n // chunk)
     extra = nb * chunk - n
@@ -307,7 +298,7 @@ def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type
     chunk_of_query = torch.arange(nb, device=q3.device).repeat_interleave(chunk)[None, :]
     group = chunk_of_query * clusters + ap  # (chunk, cluster) of every query
     shift_i = shift.reshape(g, nb * clusters).gather(1, group)  # (G, nb·L)
-    sums_i = _gather_rows(sums.reshape(g, nb * clusters, -1), group)
+    sums_i = _rows(sums.reshape(g, nb * clusters, -1), group)
     norms_i = norms.reshape(g, nb * clusters).gather(1, group)
     # each query's centroid logits over its own chunk: (G, nb, L queries, L keys)
     local = lc.transpose(1, 2).gather(2, ap.view(g, nb, chunk, 1).expand(-1, -1, -1, chunk))
@@ -361,7 +352,7 @@ def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type
     return (rest + mass[..., None] * exact)[:, :n]
 
 
-def _state_from_sequence(k3, v3, logits, key_pad, topk, chunk, scale, shape):  # type: ignore[no-untyped-def]
+def _state_from_sequence(k3, v3, logits, topk, chunk, scale, shape):  # type: ignore[no-untyped-def]
     """The recurrent state after a whole (G, N, ·) sequence, computed in one pass."""
     b, h = shape
     n = k3.shape[1]
@@ -385,8 +376,8 @@ def _state_from_sequence(k3, v3, logits, key_pad, topk, chunk, scale, shape):  #
     vals = F.pad(vals, (0, topk - vals.shape[-1]), value=_NEG_INF)
     idx = F.pad(idx, (0, topk - idx.shape[-1]))
     state.top_logits = vals.view(b, h, clusters, topk)
-    state.top_keys = _gather_rows(k3.detach(), idx).view(b, h, clusters, topk, -1)
-    state.top_values = _gather_rows(v3.detach(), idx).view(b, h, clusters, topk, -1)
+    state.top_keys = _rows(k3.detach(), idx).view(b, h, clusters, topk, -1)
+    state.top_values = _rows(v3.detach(), idx).view(b, h, clusters, topk, -1)
     state.chunk_keys = k3.detach()[:, done:].reshape(b, h, n - done, k3.shape[-1])
     state.chunk_values = v3.detach()[:, done:].reshape(b, h, n - done, v3.shape[-1])
     state.chunk_logits = logits[:, :, done:].reshape(b, h, clusters, n - done)
@@ -505,11 +496,11 @@ def causal_clustered_attention(
     logits = torch.bmm(c3.detach(), k3.detach().mT) * scale
     if pad is not None:
         logits = logits.masked_fill(pad[:, None, :], _NEG_INF)
-    state = _state_from_sequence(k3, v3, logits, pad, topk, chunk_size, scale, (b, h))
+    state = _state_from_sequence(k3, v3, logits, topk, chunk_size, scale, (b, h))
     return out, state
 
 
-def empty_state(
+def _empty_state(
     centroids: torch.Tensor,
     v_dim: int,
     *,
@@ -568,7 +559,7 @@ def causal_clustered_attention_step(
         if topk is not None:
             check_positive_int("topk", topk)
         check_positive_int("chunk_size", chunk_size)
-        state = empty_state(
+        state = _empty_state(
             c, v_t.shape[-1], batch=b, topk=topk, chunk_size=chunk_size,
             scale=d**-0.5 if scale is None else float(scale), dtype=dtype,
         )  # fmt: skip
@@ -657,12 +648,15 @@ class LearnedCentroids(torch.nn.Module):
 
     Buffers (saved in the state dict): ``value`` (H, C, D) the centroids, ``usage`` (H, C) the
     moving share of queries each one gets, ``ready`` whether they were initialized. The first
-    batch seeds them by Hamming k-means of its queries (as the encoder form clusters); after
-    every training batch ``update`` moves each used centroid towards the mean of its queries
+    batch seeds them by Hamming k-means of its queries (as the encoder form clusters); every
+    training batch's ``update`` moves each used centroid towards the mean of its queries
     (``value ← decay·value + (1 − decay)·mean``) and re-seeds centroids whose usage fell below
-    1 % of an even share with random queries of the batch. Updates come after the batch's
-    forward, so no output ever depends on its own batch's later tokens. Under DDP the buffers
-    of rank 0 are broadcast at each forward, as for batch-norm statistics.
+    1 % of an even share with random queries of the batch. The forward records the update and
+    the batch's backward applies it (``commit``, from a gradient hook; at once when the forward
+    ran without gradients), so no output depends on its own batch, and a forward recomputed by
+    activation checkpointing (which runs inside the backward, before the hook) sees the same
+    centroids as the first pass. Under DDP the buffers of rank 0 are broadcast at each
+    forward, as for batch-norm statistics.
     """
 
     value: torch.Tensor
@@ -679,6 +673,7 @@ class LearnedCentroids(torch.nn.Module):
         self.register_buffer("value", torch.zeros(heads, clusters, dim))
         self.register_buffer("usage", torch.full((heads, clusters), 1.0 / clusters))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _pooled(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -724,9 +719,31 @@ class LearnedCentroids(torch.nn.Module):
         means = means.view(b, h, clusters, d)
         return self.value.to(q.dtype) + (means - means.detach())
 
+    def commit_after_backward(self, centroids: torch.Tensor) -> None:
+        """Apply the recorded update once the gradient of ``centroids`` (this batch's
+        straight-through centroids) is computed; at once if it needs no gradient."""
+        if not centroids.requires_grad:
+            self.commit()
+            return
+
+        def hook(grad: torch.Tensor) -> None:
+            self.commit()
+
+        centroids.register_hook(hook)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the update recorded by the last ``update`` (no-op when there is none)."""
+        if self._pending is not None:
+            value, usage = self._pending
+            self.value.copy_(value)
+            self.usage.copy_(usage)
+            self._pending = None
+
     @torch.no_grad()
     def update(self, q: torch.Tensor, assign: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """One moving-average step towards this batch's cluster means; re-seed unused ones."""
+        """Record one moving-average step towards this batch's cluster means (re-seeding
+        unused centroids); ``commit`` applies it."""
         rows = self._pooled(q, mask)
         h, m, d = rows.shape
         if m == 0:
@@ -748,5 +765,4 @@ class LearnedCentroids(torch.nn.Module):
             seeds = rows[:, torch.randint(m, (clusters,), device=rows.device)]
             value = torch.where(dead[..., None], seeds, value)
             usage = torch.where(dead, torch.full_like(usage, 1.0 / clusters), usage)
-        self.value.copy_(value)
-        self.usage.copy_(usage)
+        self._pending = (value.to(self.value.dtype), usage)

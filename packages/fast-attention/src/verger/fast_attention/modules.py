@@ -237,14 +237,15 @@ class ClusteredAttention(_Projected):
         if self.training and torch.is_grad_enabled():
             centroids = learned.straight_through(q, assign, mask)
         else:
-            centroids = learned.value.clone()  # the update below must not touch saved tensors
+            centroids = learned.value.clone()  # a later ``commit`` must not touch saved tensors
         result = causal_clustered_attention(
             q, k, v, centroids, topk=self.topk, chunk_size=self.chunk_size,
             key_padding_mask=mask, return_state=use_cache, assignments=assign,
         )  # fmt: skip
         y, state = result if use_cache else (result, None)
-        if self.training:
+        if self.training:  # recorded now, applied by this batch's backward
             learned.update(q, assign, mask)
+            learned.commit_after_backward(centroids)
         return self._out(y), state  # type: ignore[arg-type]
 
 
