@@ -101,6 +101,15 @@ def test_count_flops_matmul_and_backward() -> None:
     assert count_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 8 * 16 * 4
 
 
+def test_count_flops_in_place_accumulation_counts_like_out_of_place() -> None:
+    x, y, acc = torch.randn(3, 8, 16), torch.randn(3, 16, 4), torch.randn(3, 8, 4)
+    out_of_place = count_flops(lambda: torch.baddbmm(acc, x, y))
+    assert out_of_place == 3 * 2 * 8 * 16 * 4
+    assert count_flops(lambda: acc.clone().baddbmm_(x, y)) == out_of_place
+    m, w, c = torch.randn(8, 16), torch.randn(16, 4), torch.randn(8, 4)
+    assert count_flops(lambda: c.clone().addmm_(m, w)) == count_flops(lambda: torch.addmm(c, m, w))
+
+
 def test_report_writes_metrics_markdown_and_png(tmp_path) -> None:
     report = Report(tmp_path / "out", title="Bench")
     report.metric("speedup", 1.5)
