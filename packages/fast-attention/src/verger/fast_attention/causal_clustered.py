@@ -572,13 +572,14 @@ def causal_clustered_attention_step(
         )
     c = c.to(dtype)
     q, k, v = q_t.to(dtype), k_t.to(dtype), v_t.to(dtype)
-    logit = torch.einsum("bhcd,bhd->bhc", c, k) * state.scale
+    logit = torch.matmul(c, k[..., None]).squeeze(-1) * state.scale  # (B, H, C)
     shift = torch.maximum(state.shift, logit)
     old_f = torch.exp(state.shift - shift)
     new_f = torch.exp(logit - shift)
     sums = state.sums * old_f[..., None] + new_f[..., None] * v[:, :, None, :]
     norms = state.norms * old_f + new_f
-    a = assign_to_centroids(q[:, :, None], c)[:, :, 0]  # (B, H)
+    # nearest centroid (as assign_to_centroids, inlined: a decode step is op-overhead bound)
+    a = (c.square().sum(-1) - 2 * torch.matmul(c, q[..., None]).squeeze(-1)).argmin(-1)
     pick = a[..., None]
     z = norms.gather(2, pick).squeeze(2)
     num = sums.gather(2, pick[..., None].expand(-1, -1, 1, sums.shape[-1])).squeeze(2)
@@ -601,12 +602,11 @@ def causal_clustered_attention_step(
     )  # (B, H, K + n)
     e_keys = torch.cat((_select(state.top_keys, a), chunk_keys), 2)
     e_values = torch.cat((_select(state.top_values, a), chunk_values), 2)
-    ok = torch.isfinite(e_logits)
-    w = torch.exp(e_logits - mu[..., None]) * ok
-    scores = torch.einsum("bhd,bhkd->bhk", q, e_keys) * state.scale
+    ok = e_logits != _NEG_INF
+    w = torch.exp(e_logits - mu[..., None])  # 0 where not ok
+    scores = torch.matmul(e_keys, q[..., None]).squeeze(-1) * state.scale
     p = torch.softmax(scores.masked_fill(~ok, _NEG_INF), -1)
-    exact = torch.einsum("bhk,bhkd->bhd", p, e_values)
-    removed = torch.einsum("bhk,bhkd->bhd", w, e_values)
+    exact, removed = torch.matmul(torch.stack((p, w), -2), e_values).unbind(-2)
     out = (num - removed) / z[..., None] + (w.sum(-1) / z)[..., None] * exact  # z >= 1
     if chunk_keys.shape[2] == state.chunk_size:  # chunk complete: merge it into the top-k
         vals, idx = torch.cat((state.top_logits, chunk_logits), -1).topk(state.topk, -1)
