@@ -113,6 +113,20 @@ def test_padded_prompt_state_then_steps(topk, prompt):
     assert_close(torch.stack(outs, 2), full[:, :, prompt:], rtol=1e-10)
 
 
+def test_empty_prompt_gives_an_empty_state_that_steps_continue():
+    q, k, v, c = _inputs(n=5)
+    out, state = causal_clustered_attention(
+        q[:, :, :0], k[:, :, :0], v[:, :, :0], c, topk=3, chunk_size=4, return_state=True
+    )
+    assert out.shape == (2, 2, 0, 8) and state.steps == 0
+    outs = []
+    for t in range(5):
+        o, state = causal_clustered_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], c, state)
+        outs.append(o)
+    full = causal_clustered_attention(q, k, v, c, topk=3, chunk_size=4)
+    assert_close(torch.stack(outs, 2), full, rtol=1e-10)
+
+
 def test_state_size_does_not_grow_with_the_context():
     q, k, v, c = _inputs(b=1, n=300, d=4)
     state, sizes = None, {}

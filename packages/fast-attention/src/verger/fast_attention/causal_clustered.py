@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
-from verger.fast_attention.clustered import _rows, _topk_exact_blocked, query_blocks
+from verger.fast_attention.clustered import _centroids, _rows, _topk_exact_blocked, query_blocks
 from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops._backend import pick_backend
+from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
 from verger.fast_attention.ops.gathered_attention.triton import MAX_DIM, MAX_KEYS
 
 __all__ = [
@@ -278,14 +279,13 @@ def _top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, sc
 
 
 def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type: ignore[no-untyped-def]
-    """The chunked parallel form on (G, N, ·) tensors; see the module docstring."""
+    """The chunked parallel form on (G, N, ·) tensors (see the module docstring): the output
+    and the centroid logits (G, C, N), which the recurrent state reuses."""
     g, n, d = q3.shape
     nb = -(-n // chunk)
     extra = nb * chunk - n
     kp, vp = F.pad(k3, (0, 0, 0, extra)), F.pad(v3, (0, 0, 0, extra))
-    valid = torch.ones(g, n, dtype=torch.bool, device=q3.device)
-    if key_pad is not None:
-        valid = ~key_pad
+    valid = torch.ones(g, n, dtype=torch.bool, device=q3.device) if key_pad is None else ~key_pad
     valid = F.pad(valid, (0, extra), value=False)
     logits = torch.bmm(c3, kp.mT) * scale  # (G, C, nb·L)
     logits = logits.masked_fill(~valid[:, None, :], _NEG_INF)
@@ -311,7 +311,7 @@ def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type
     local_num = torch.matmul(w_local, vc).reshape(g, nb * chunk, -1)
     if topk is None:
         out = (f[..., None] * sums_i + local_num) / z[..., None].clamp_min(1e-30)
-        return out[:, :n]
+        return out[:, :n], logits[:, :, :n]
 
     top_vals, top_idx = _prefix_topk(lc.detach(), topk)  # (G, C, nb, K)
     top_ok = torch.isfinite(top_vals)
@@ -349,7 +349,7 @@ def _parallel(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type
         exact = _merge(local_parts, tuple(top_parts))  # type: ignore[arg-type]
     mass = (removed_z + w_local.sum(-1).reshape(g, -1)) / z.clamp_min(1e-30)
     rest = (f[..., None] * sums_i - removed_i) / z[..., None].clamp_min(1e-30)
-    return (rest + mass[..., None] * exact)[:, :n]
+    return (rest + mass[..., None] * exact)[:, :n], logits[:, :, :n]
 
 
 def _state_from_sequence(k3, v3, logits, topk, chunk, scale, shape):  # type: ignore[no-untyped-def]
@@ -479,25 +479,27 @@ def causal_clustered_attention(
     scale = d**-0.5 if scale is None else float(scale)
     g, clusters = b * h, c.shape[2]
     q3, k3 = q.reshape(g, n, d).to(dtype), k.reshape(g, n, d).to(dtype)
-    v3 = v.reshape(g, n, -1).to(dtype)
+    v3 = v.reshape(g, n, v.shape[-1]).to(dtype)
     c3 = c.reshape(g, clusters, d).to(dtype)
     pad = None if mask is None else mask[:, None, :].expand(b, h, n).reshape(g, n)
     if n == 0:
         out = v.new_zeros(b, h, 0, v.shape[-1])
-    else:
-        a3 = assignments.reshape(g, n)
-        out3 = _parallel(q3, k3, v3, c3, a3, pad, topk, chunk_size, scale, backend)
-        out = out3.view(b, h, n, -1)
-        if mask is not None:
-            out = out.masked_fill(mask[:, None, :, None], 0.0)
-        out = out.to(v.dtype)
+        if not return_state:
+            return out
+        empty = _empty_state(
+            c, v.shape[-1], batch=b, topk=topk, chunk_size=chunk_size, scale=scale, dtype=dtype
+        )
+        return out, empty
+    out3, logits = _parallel(
+        q3, k3, v3, c3, assignments.reshape(g, n), pad, topk, chunk_size, scale, backend
+    )
+    out = out3.view(b, h, n, -1)
+    if mask is not None:
+        out = out.masked_fill(mask[:, None, :, None], 0.0)
+    out = out.to(v.dtype)
     if not return_state:
         return out
-    logits = torch.bmm(c3.detach(), k3.detach().mT) * scale
-    if pad is not None:
-        logits = logits.masked_fill(pad[:, None, :], _NEG_INF)
-    state = _state_from_sequence(k3, v3, logits, topk, chunk_size, scale, (b, h))
-    return out, state
+    return out, _state_from_sequence(k3, v3, logits, topk, chunk_size, scale, (b, h))
 
 
 def _empty_state(
@@ -685,9 +687,6 @@ class LearnedCentroids(torch.nn.Module):
     @torch.no_grad()
     def initialize(self, q: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Seed the centroids with Hamming k-means of these queries (B, H, N, D)."""
-        from verger.fast_attention.clustered import _centroids
-        from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
-
         rows = self._pooled(q, mask)
         m = rows.shape[1]
         clusters = self.value.shape[1]
@@ -710,8 +709,6 @@ class LearnedCentroids(torch.nn.Module):
         equally by the queries assigned to it in this sequence, as if it were their mean
         (the encoder form's centroid), so the query projection trains.
         """
-        from verger.fast_attention.clustered import _centroids
-
         b, h, n, d = q.shape
         clusters = self.value.shape[1]
         valid = None if mask is None else (~mask)[:, None, :].expand(b, h, n).reshape(b * h, n)
