@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # A short GPU check for a leased machine with a preinstalled torch/triton/pytest (no installs),
 # most important first (the open question is the fast-attention GPU speed): the fast-attention
-# gpu tests, its Triton-vs-SDPA/fla sweep, a profiler kernel table, then core's gpu tests and
-# kernel/LM benchmark. Output (logs, metrics.json) goes to ${OUT:-build/gpu-smoke}.
-# Worst case 580 s (one device call may run 600 s). For the full check through nox, use
+# gpu tests, its Triton-vs-SDPA/fla sweep (plus CUDA-graph replays), the causal clustered LM
+# form, fused-vs-unfused feature map timings with kernel tables, then core's gpu tests and
+# kernel/LM benchmark (SKIP_CORE=1 leaves those out). Only logs go to ${OUT:-build/gpu-smoke}
+# (at most 8 files come back from a device call); every figure is printed into them.
+# Worst case 580 s (SKIP_CORE=1: 470 s); seen on an H200: 80 s of tests, then a cold sweep
+# over 120 s (fla autotunes at every sequence length). For the full check through nox, use
 # ci/gpu-check.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,45 +22,68 @@ pytest_gpu() {
 nvidia-smi -L
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-timeout 200 bash -c "$(declare -f pytest_gpu); py=$py; pytest_gpu packages/fast-attention/tests" \
+timeout 120 bash -c "$(declare -f pytest_gpu); py=$py; pytest_gpu packages/fast-attention/tests --durations=5" \
   2>&1 | tee "$out/fa_tests_gpu.log" | tail -30
 fa_tests_rc=${PIPESTATUS[0]}
 
-timeout 140 "$py" - "$out/fast-attention" <<'PY' 2>&1 | tee "$out/fa_bench.log" | tail -20
-import sys
+reports=$(mktemp -d)
+timeout 240 "$py" - "$reports/fast-attention" <<'PY' 2>&1 | tee "$out/fa_bench.log" | tail -20
+import json, sys, time
 from verger.core.bench import Report
 from verger.fast_attention.bench import bench_gpu, check_targets
 report = Report(sys.argv[1], title="fast-attention GPU sweep (fp16 fwd+bwd)")
-bench_gpu(report, [1024, 8192, 32768], 5)
+for n in (1024, 8192, 32768):  # one size at a time, printed as it lands
+    t = time.perf_counter()
+    bench_gpu(report, [n], 5)
+    got = {k: round(v, 3) for k, v in report.metrics.items() if str(k).endswith(f"n{n}")}
+    print(f"n={n} ({time.perf_counter() - t:.0f} s):", got, flush=True)
 report.write()
-import json, pathlib
-metrics = json.loads((pathlib.Path(sys.argv[1]) / "metrics.json").read_text())
-print(json.dumps(metrics, indent=1))
-print("missed:", check_targets(metrics) or "none")
+print(json.dumps(report.metrics, indent=1))
+print("missed:", check_targets(report.metrics) or "none")
 PY
 fa_rc=${PIPESTATUS[0]}
 
-# Where the time goes in one fp16 fwd+bwd at 32k tokens (kernel table, CUDA time).
-timeout 60 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -25
-import torch
-from torch.profiler import ProfilerActivity, profile
-from verger.fast_attention import linear_attention
-q, k, v = (torch.randn(1, 8, 32768, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
-step = lambda: linear_attention(q, k, v, causal=True).sum().backward()
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    step()
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+# The leak-free causal clustered LM form (Triton gathered products) vs SDPA, fp32 forward.
+timeout 60 "$py" - "$reports/fa-clustered" <<'PY' 2>&1 | tee "$out/fa_clustered.log" | tail -12
+import sys, torch
+from verger.core.bench import Report
+from verger.fast_attention.bench import bench_causal_clustered
+report = Report(sys.argv[1], title="causal clustered on CUDA (fp32 forward)")
+for n in (8192, 32768):
+    bench_causal_clustered(report, n, torch.device("cuda"), 5)
+    print({k: round(v, 3) for k, v in report.metrics.items() if k.endswith(f"n{n}")}, flush=True)
 PY
 
-timeout 90 bash -c "$(declare -f pytest_gpu); py=$py; pytest_gpu shared/core/tests" \
+# The fused feature map vs features formed outside the kernels (the same Triton kernels), and
+# where the time goes in one fp16 fwd+bwd (kernel table).
+timeout 50 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -40
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from verger.core.bench import compare
+from verger.fast_attention import linear_attention
+from verger.fast_attention.ops.causal_linear import causal_linear
+for n in (8192, 32768):
+    q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
+    fused = lambda: linear_attention(q, k, v, causal=True).sum().backward()
+    apart = lambda: causal_linear(F.elu(q) + 1, F.elu(k) + 1, v).sum().backward()
+    med = {name: t.median_s * 1e3 for name, t in compare({"fused": fused, "apart": apart}, warmup=2, repeats=10).items()}
+    print(f"n={n} fp16 fwd+bwd ms: {med}; fused speedup {med['apart'] / med['fused']:.2f}", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fused()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+PY
+
+if [ -n "${SKIP_CORE:-}" ]; then
+  echo "gpu-smoke: fa tests rc=$fa_tests_rc fa bench rc=$fa_rc (core skipped)"
+  exit 0
+fi
+timeout 60 bash -c "$(declare -f pytest_gpu); py=$py; pytest_gpu shared/core/tests" \
   2>&1 | tee "$out/core_tests_gpu.log" | tail -10
 core_tests_rc=${PIPESTATUS[0]}
-timeout 90 "$py" -m verger.core bench --quick --out "$out/core" >"$out/core_bench.log" 2>&1
+timeout 50 "$py" -m verger.core bench --quick --out "$reports/core" >"$out/core_bench.log" 2>&1
 core_rc=$?
 tail -3 "$out/core_bench.log"
-[ -f "$out/core/metrics.json" ] && cat "$out/core/metrics.json"
+[ -f "$reports/core/metrics.json" ] && tee -a "$out/core_bench.log" <"$reports/core/metrics.json"
 echo "gpu-smoke: fa tests rc=$fa_tests_rc fa bench rc=$fa_rc core tests rc=$core_tests_rc core bench rc=$core_rc"

@@ -4,10 +4,12 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from verger.core.testing import assert_close
 from verger.fast_attention.ops.causal_linear import (
     causal_linear,
+    causal_linear_fused,
     causal_linear_reference,
     causal_product,
     causal_product_chunked,
@@ -111,8 +113,21 @@ def _grads_vs_reference(fn, ref_fn, q, k, v, **kwargs):
     return out, ref, got, want
 
 
+def _elu_reference(q, k, v):
+    """The fused kernels' spec: causal linear attention on elu+1 features, naively."""
+    return causal_linear_reference(F.elu(q) + 1, F.elu(k) + 1, v)
+
+
+FORMS = {  # kernel, its spec, whether q and k are raw inputs (any sign) or features (>= 0)
+    "normalized": (functools.partial(causal_linear, backend="triton"), causal_linear_reference),
+    "product": (functools.partial(causal_product, backend="triton"), causal_product_reference),
+    # elu+1 applied inside the kernels: with Dk padded, φ(0) = 1 must not leak into the dots
+    "fused_elu": (causal_linear_fused, _elu_reference),
+}
+
+
 @needs_triton
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize(
     "shape, chunk",
     [
@@ -120,16 +135,14 @@ def _grads_vs_reference(fn, ref_fn, q, k, v, **kwargs):
         ((1, 2, 70, 100, 130), 64),  # head dims > 64: blocked reductions, shorter chunks
     ],
 )
-def test_triton_forward_backward_ragged_and_wide(normalize, shape, chunk):
+def test_triton_forward_backward_ragged_and_wide(form, shape, chunk):
     b, h, n, dk, dv = shape
     g = torch.Generator().manual_seed(1)
-    q, k = (torch.rand(b, h, n, dk, generator=g).requires_grad_() for _ in range(2))
+    make = torch.randn if form == "fused_elu" else torch.rand
+    q, k = (make(b, h, n, dk, generator=g).requires_grad_() for _ in range(2))
     v = torch.randn(b, h, n, dv, generator=g).requires_grad_()
-    fn, ref_fn = (causal_linear, causal_linear_reference) if normalize else (
-        causal_product, causal_product_reference)  # fmt: skip
-    out, ref, got, want = _grads_vs_reference(
-        fn, ref_fn, q, k, v, backend="triton", chunk_size=chunk
-    )
+    fn, ref_fn = FORMS[form]
+    out, ref, got, want = _grads_vs_reference(fn, ref_fn, q, k, v, chunk_size=chunk)
     assert out.dtype == torch.float32 and out.shape == (b, h, n, dv)
     assert_close(out, ref.float(), rtol=1e-5, name="out")
     for name, a, w in zip("qkv", got, want):
@@ -161,22 +174,30 @@ def test_triton_fp16_state_stays_fp32_past_fp16_range():
 
 
 @needs_triton
-def test_triton_rejects_unknown_precision_and_dtype():
+def test_triton_rejects_unknown_precision_dtype_and_feature_map():
     a, b, c = _features(1, 1, 8, 16)
     with pytest.raises(ValueError, match="precision"):
         causal_product_triton(a, b, c, precision="fp64")
     with pytest.raises(TypeError, match="float64"):
         causal_linear(a.double(), b.double(), c.double(), backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        causal_linear_fused(a.double(), b.double(), c.double())
+    with pytest.raises(ValueError, match="favor"):
+        causal_linear_fused(a, b, c, feature_map="favor")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_triton_causal_linear_forward_backward(dtype, tol):
+@pytest.mark.parametrize("form", ["normalized", "fused_elu"])
+def test_triton_causal_linear_forward_backward(dtype, tol, form):
     q, k, v = (t.requires_grad_() for t in _features(2, 2, 45, 16, dtype=dtype))
-    out, ref, got, want = _grads_vs_reference(
-        causal_linear, causal_linear_reference, q, k, v, backend="triton", chunk_size=16
-    )
-    assert_close(out, ref.float(), rtol=tol, name="out")
+    if form == "fused_elu":  # raw inputs of either sign
+        q, k = (t.detach().sub(0.5).mul(4).requires_grad_() for t in (q, k))
+    fn, ref_fn = FORMS[form]
+    out, ref, got, want = _grads_vs_reference(fn, ref_fn, q, k, v, chunk_size=16)
+    # the fused path returns the inputs' dtype; on features, fp32
+    assert out.dtype == (dtype if form == "fused_elu" else torch.float32)
+    assert_close(out.float(), ref.float(), rtol=tol, name="out")
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
         assert_close(a.float(), b.float(), rtol=tol, name=f"d{name}")

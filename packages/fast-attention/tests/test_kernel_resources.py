@@ -23,19 +23,26 @@ SIZES = {"n": "i32", "dk": "i32", "dv": "i32", "n_chunks": "i32", "e_size": "i32
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _configs(dtype: str, head_dim: int, arch: int = 90) -> list[tuple[str, KernelConfig]]:
+def _configs(
+    dtype: str, head_dim: int, arch: int = 90, fused: bool = False
+) -> list[tuple[str, KernelConfig]]:
+    """The launches of one plan: on features (fp32 outputs), or with elu+1 fused on raw q, k
+    (``linear_attention``'s CUDA path; outputs and gradients in the inputs' dtype)."""
     x = torch.empty(1, 1, 256, head_dim, dtype=DTYPES[dtype])
-    plan = kernels._Plan(x, x, kernels.DEFAULT_CHUNK, None, arch=arch)
+    plan = kernels._Plan(
+        x, x, kernels.DEFAULT_CHUNK, None, arch=arch, feature_map="elu" if fused else None
+    )
     t, f = f"*{dtype}", "*fp32"
+    o = t if fused else f
     signatures = {
         "states": {"b_ptr": t, "c_ptr": t, "d_ptr": f, "w_ptr": f, "states_ptr": f, **SIZES},
-        "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "states_ptr": f, "out_ptr": f,
+        "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "states_ptr": f, "out_ptr": o,
                     "d_ptr": f, **SIZES, "eps": "fp32"},
-        "dq": {"k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f, "states_ptr": f,
-               "dq_ptr": f, **SIZES},
-        "dk": {"q_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f, "states_ptr": f,
-               "dk_ptr": f, **SIZES},
-        "dv": {"q_ptr": t, "k_ptr": t, "do_ptr": t, "d_ptr": f, "states_ptr": f, "dv_ptr": f,
+        "dq": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
+               "states_ptr": f, "dq_ptr": o, **SIZES},
+        "dk": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
+               "states_ptr": f, "dk_ptr": o, **SIZES},
+        "dv": {"q_ptr": t, "k_ptr": t, "do_ptr": t, "d_ptr": f, "states_ptr": f, "dv_ptr": o,
                **SIZES},
     }  # fmt: skip
     fns = {
@@ -60,11 +67,14 @@ def _configs(dtype: str, head_dim: int, arch: int = 90) -> list[tuple[str, Kerne
     return out
 
 
-# (arch, dtype, head dim, spill bytes allowed): none at the common head dims; a little where
-# the 3xTF32 state products fill the register file (sm_90 at head dim 128, fp32 on sm_80).
-CASES = [(90, "fp16", 64, 0), (90, "bf16", 64, 0), (90, "fp32", 64, 0), (90, "fp16", 256, 0),
-         (90, "fp16", 128, 128), (80, "fp16", 64, 0), (80, "fp32", 64, 64),
-         (80, "fp16", 128, 0)]  # fmt: skip
+# (arch, dtype, head dim, fused elu+1, spill bytes allowed): none at the common head dims; a
+# little where the 3xTF32 state products fill the register file (sm_90 at head dim 128, fp32
+# on sm_80).
+CASES = [(90, "fp16", 64, False, 0), (90, "bf16", 64, False, 0), (90, "fp32", 64, False, 0),
+         (90, "fp16", 256, False, 0), (90, "fp16", 128, False, 128), (80, "fp16", 64, False, 0),
+         (80, "fp32", 64, False, 64), (80, "fp16", 128, False, 0), (90, "fp16", 64, True, 0),
+         (90, "bf16", 64, True, 0), (90, "fp32", 64, True, 0), (90, "fp16", 128, True, 128),
+         (80, "fp16", 64, True, 0)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +82,8 @@ def resources():
     got = {}
     for arch in sorted({case[0] for case in CASES}):
         labelled = {
-            (arch, dtype, dim): _configs(dtype, dim, arch)
-            for a, dtype, dim, _ in CASES
+            (arch, dtype, dim, fused): _configs(dtype, dim, arch, fused)
+            for a, dtype, dim, fused, _ in CASES
             if a == arch
         }
         flat = [(key, label, cfg) for key, items in labelled.items() for label, cfg in items]
@@ -82,16 +92,16 @@ def resources():
     return got
 
 
-@pytest.mark.parametrize("arch, dtype, head_dim, allowed", CASES)
+@pytest.mark.parametrize("arch, dtype, head_dim, fused, allowed", CASES)
 def test_shipped_kernels_do_not_spill_and_use_tensor_cores(
-    resources, arch, dtype, head_dim, allowed
+    resources, arch, dtype, head_dim, fused, allowed
 ):
-    for (a, dt, dim, label), res in resources.items():
-        if (a, dt, dim) != (arch, dtype, head_dim):
+    for (a, dt, dim, fu, label), res in resources.items():
+        if (a, dt, dim, fu) != (arch, dtype, head_dim, fused):
             continue
         spilled = max(res.spill_store_bytes, res.spill_load_bytes)
         limit = 0 if label.startswith(("states", "scan")) else allowed
-        assert spilled <= limit, f"{label} sm_{arch} {dtype} D={head_dim}: {res}"
+        assert spilled <= limit, f"{label} sm_{arch} {dtype} D={head_dim} {fused=}: {res}"
         if label != "scan":
             assert res.tensor_core_instructions > 0, f"{label} runs its dots on FMA units: {res}"
 

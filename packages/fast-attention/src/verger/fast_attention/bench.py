@@ -268,10 +268,32 @@ def _fla_causal_linear() -> Callable[..., torch.Tensor] | None:
     return fla_attn
 
 
+def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (warmed up on a side stream first, as CUDA graph
+    capture requires): its replays time the GPU work without the host's per-launch cost."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_gpu(report: Report, sizes: list[int], repeats: int) -> None:
     """CUDA, fp16 fwd+bwd: the Triton kernel vs SDPA (flash) and, when installed,
     flash-linear-attention's ``chunk_linear_attn`` on its native (B, T, H, D) layout."""
     fla_attn = _fla_causal_linear()
+    if fla_attn is not None:
+        try:  # an fla release built for another Triton fails only when first called
+            q, k, v = (torch.randn(1, 64, 2, DIM, device="cuda", dtype=torch.half) for _ in "qkv")
+            fla_attn(q, k, v)
+        except Exception as err:  # any failure means "no fla comparison"
+            report.text(f"flash-linear-attention is installed but failed: {err!r}")
+            fla_attn = None
     report.metric("gpu_fla_installed", fla_attn is not None)
     for n in sizes:
         q, k, v = (t.half().detach().requires_grad_() for t in _qkv(n, torch.device("cuda")))
@@ -289,6 +311,16 @@ def bench_gpu(report: Report, sizes: list[int], repeats: int) -> None:
         if "fla" in med:
             report.metric(f"gpu_fla_fwdbwd_ms_n{n}", med["fla"] * 1e3)
             report.metric(f"gpu_causal_linear_speedup_vs_fla_n{n}", med["fla"] / med["ours"])
+        try:  # the same steps replayed from CUDA graphs: GPU time without launch overhead
+            graphed = {name: _graphed(fns[name]) for name in ("ours", "sdpa")}
+        except Exception as err:  # a failed capture only drops these figures
+            report.text(f"CUDA graph capture failed at n={n}: {err!r}")
+        else:
+            med = _timing(graphed, repeats)
+            report.metric(f"gpu_causal_linear_graphed_fwdbwd_ms_n{n}", med["ours"] * 1e3)
+            report.metric(
+                f"gpu_causal_linear_graphed_speedup_vs_sdpa_n{n}", med["sdpa"] / med["ours"]
+            )
         # improved clustered (Triton k-means assignment + gathered top-k products), forward
         clustered = {
             "improved_clustered": _no_grad(_clustered(32), [q, k, v]),

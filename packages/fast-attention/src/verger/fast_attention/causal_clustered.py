@@ -115,8 +115,25 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
+def _log_depth(logits: torch.Tensor, log_depth: bool | None) -> bool:
+    """Scans over chunks: sequential on CPU (the least work), log-depth on GPUs, where a
+    sequential scan's N / chunk_size steps of small launches would dominate."""
+    return logits.is_cuda if log_depth is None else log_depth
+
+
+def _rescaled_sum(
+    a: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, Σ e^(ℓ−max) v, Σ e^(ℓ−max)) of the union of two disjoint sets of logits."""
+    new_m = torch.maximum(a[0], b[0])
+    fa = torch.exp(a[0] - _safe(new_m))  # exp(−inf) = 0: an empty side adds nothing
+    fb = torch.exp(b[0] - _safe(new_m))
+    return new_m, a[1] * fa[..., None] + b[1] * fb[..., None], a[2] * fa + b[2] * fb
+
+
 def _chunk_prefix(
-    logits: torch.Tensor, v: torch.Tensor
+    logits: torch.Tensor, v: torch.Tensor, log_depth: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exclusive prefix over chunks of each centroid's weighted sums, with a running max.
 
@@ -130,6 +147,23 @@ def _chunk_prefix(
     chunk_norms = e.sum(-1).transpose(1, 2)  # (G, nb, C)
     m = m.transpose(1, 2)
     g, nb, c = chunk_norms.shape
+    if _log_depth(logits, log_depth):
+        # Hillis-Steele: after the step with offset o, entry b holds chunks (b − 2o, b]
+        run_m, run_s, run_z, o = m, chunk_sums, chunk_norms, 1
+        while o < nb:
+            new_m, new_s, new_z = _rescaled_sum(
+                (run_m[:, :-o], run_s[:, :-o], run_z[:, :-o]),
+                (run_m[:, o:], run_s[:, o:], run_z[:, o:]),
+            )
+            run_m = torch.cat((run_m[:, :o], new_m), 1)
+            run_s = torch.cat((run_s[:, :o], new_s), 1)
+            run_z = torch.cat((run_z[:, :o], new_z), 1)
+            o *= 2
+        return (  # exclusive: shift by one chunk, nothing before chunk 0
+            F.pad(run_m[:, :-1], (0, 0, 1, 0), value=_NEG_INF),
+            F.pad(run_s[:, :-1], (0, 0, 0, 0, 1, 0)),
+            F.pad(run_z[:, :-1], (0, 0, 1, 0)),
+        )
     run_m = logits.new_full((g, c), _NEG_INF)
     run_s = logits.new_zeros(g, c, v.shape[-1])
     run_z = logits.new_zeros(g, c)
@@ -138,28 +172,40 @@ def _chunk_prefix(
         shifts.append(run_m)
         sums.append(run_s)
         norms.append(run_z)
-        new_m = torch.maximum(run_m, m[:, b])
-        old_f = torch.exp(run_m - _safe(new_m))  # exp(−inf) = 0: nothing to rescale yet
-        new_f = torch.exp(m[:, b] - _safe(new_m))
-        run_s = run_s * old_f[..., None] + chunk_sums[:, b] * new_f[..., None]
-        run_z = run_z * old_f + chunk_norms[:, b] * new_f
-        run_m = new_m
+        run_m, run_s, run_z = _rescaled_sum(
+            (run_m, run_s, run_z), (m[:, b], chunk_sums[:, b], chunk_norms[:, b])
+        )
     return torch.stack(shifts, 1), torch.stack(sums, 1), torch.stack(norms, 1)
 
 
 @torch.no_grad()
-def _prefix_topk(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_topk(
+    logits: torch.Tensor, topk: int, log_depth: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each centroid's top-k keys among the chunks before b: (values, positions) (G, C, nb, K).
 
     Per-chunk top-k, then a running merge ("top-k of the union") chunk by chunk: 5-7x faster
-    on CPU than a log-depth scan, which does log2(nb) times the work. Missing entries have
-    value −inf.
+    on CPU than a log-depth scan, which does log2(nb) times the work (GPUs take that one).
+    Missing entries have value −inf.
     """
     g, c, nb, L = logits.shape
     vals, idx = logits.topk(min(topk, L), -1)
     idx = idx + torch.arange(nb, device=idx.device)[:, None] * L
     run_v = logits.new_full((g, c, topk), _NEG_INF)
     run_i = torch.zeros(g, c, topk, dtype=torch.long, device=idx.device)
+    if _log_depth(logits, log_depth):
+        vals = torch.cat((vals, run_v[:, :, None].expand(-1, -1, nb, -1)), -1)[..., :topk]
+        idx = torch.cat((idx, run_i[:, :, None].expand(-1, -1, nb, -1)), -1)[..., :topk]
+        o = 1
+        while o < nb:  # after offset o, entry b holds the top-k of chunks (b − 2o, b]
+            both_v = torch.cat((vals[:, :, :-o], vals[:, :, o:]), -1)
+            both_i = torch.cat((idx[:, :, :-o], idx[:, :, o:]), -1)
+            top_v, pick = both_v.topk(topk, -1)
+            vals = torch.cat((vals[:, :, :o], top_v), 2)
+            idx = torch.cat((idx[:, :, :o], both_i.gather(-1, pick)), 2)
+            o *= 2
+        return (torch.cat((run_v[:, :, None], vals[:, :, :-1]), 2),
+                torch.cat((run_i[:, :, None], idx[:, :, :-1]), 2))  # fmt: skip
     out_v, out_i = [], []
     for b in range(nb):
         out_v.append(run_v)

@@ -14,8 +14,17 @@ from typing import Any
 import torch
 
 from verger.fast_attention._checks import check_padding_mask, check_qkv
-from verger.fast_attention.feature_maps import FeatureMap, compute_dtype, get_feature_map
-from verger.fast_attention.ops.causal_linear import causal_linear, resolve_backend
+from verger.fast_attention.feature_maps import (
+    EluFeatureMap,
+    FeatureMap,
+    compute_dtype,
+    get_feature_map,
+)
+from verger.fast_attention.ops.causal_linear import (
+    causal_linear,
+    causal_linear_fused,
+    resolve_backend,
+)
 
 __all__ = ["LinearAttentionState", "linear_attention", "linear_attention_step"]
 
@@ -43,6 +52,19 @@ def _features(
     return qf, kf
 
 
+def _fuses_feature_map(
+    fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
+) -> bool:
+    """Whether the Triton kernels can apply φ themselves: the built-in elu+1 map, one 16/32-bit
+    dtype, no padding mask (checked by the caller) and a launch that fits."""
+    if type(fm) is not EluFeatureMap or not q.dtype == k.dtype == v.dtype:
+        return False
+    if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    launch = (max(q.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
+    return resolve_backend(backend, v.device, *launch) == "triton"
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,7 +85,8 @@ def linear_attention(
     convention); outputs at padded positions are zero. With ``causal=True``,
     ``return_state=True`` returns ``(out, state)`` so that a prompt is encoded in one call and
     continued token by token with ``linear_attention_step``.
-    ``backend`` and ``chunk_size`` select the causal kernel (see ``ops.causal_product``).
+    ``backend`` and ``chunk_size`` select the causal kernel (see ``ops.causal_product``); on
+    the Triton path the default ``elu`` map runs inside the kernels (``causal_linear_fused``).
     """
     check_qkv(q, k, v, same_length=causal)
     if not isinstance(eps, float | int) or eps < 0:
@@ -72,8 +95,11 @@ def linear_attention(
         raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
     mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
     fm = get_feature_map(feature_map, q.shape[-1], **feature_map_options)
-    qf, kf = _features(fm, q, k, mask)
     dtype = compute_dtype(v.dtype)
+    if causal and mask is None and _fuses_feature_map(fm, q, k, v, backend):
+        out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size)
+        return (out, _state(fm, k, v, q.shape[2])) if return_state else out
+    qf, kf = _features(fm, q, k, mask)
     vv = v.to(dtype)
     if causal:
         launch = (max(qf.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
@@ -92,11 +118,21 @@ def linear_attention(
     if mask is not None and q.shape[2] == k.shape[2]:
         out = out.masked_fill(mask[:, None, :, None], 0.0)
     out = out.to(v.dtype)
-    if not return_state:
-        return out
+    return (out, _state(fm, k, v, q.shape[2], kf)) if return_state else out
+
+
+def _state(
+    fm: FeatureMap,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    steps: int,
+    kf: torch.Tensor | None = None,
+) -> LinearAttentionState:
+    """The recurrent state after a prompt, in the compute dtype (fp32 for 16-bit inputs)."""
     with torch.no_grad():
-        s, z = kf.mT @ vv, kf.sum(-2)
-    return out, LinearAttentionState(s=s, z=z, steps=q.shape[2])
+        dtype = compute_dtype(v.dtype)
+        kf = (fm(k, is_query=False) if kf is None else kf).to(dtype)
+        return LinearAttentionState(s=kf.mT @ v.to(dtype), z=kf.sum(-2), steps=steps)
 
 
 def linear_attention_step(

@@ -25,6 +25,7 @@ from verger.fast_attention.ops.causal_linear.reference import (
     causal_product_reference,
 )
 from verger.fast_attention.ops.causal_linear.triton import (
+    FUSED_FEATURE_MAPS,
     MAX_GRID_Z,
     MAX_HEAD_DIM,
     causal_linear_backward_triton,
@@ -34,7 +35,9 @@ from verger.fast_attention.ops.causal_linear.triton import (
 
 __all__ = [
     "BACKENDS",
+    "FUSED_FEATURE_MAPS",
     "causal_linear",
+    "causal_linear_fused",
     "causal_linear_reference",
     "causal_product",
     "causal_product_chunked",
@@ -136,13 +139,19 @@ class _CausalLinear(torch.autograd.Function):
         eps: float,
         backend: str,
         chunk_size: int,
+        feature_map: str | None = None,
     ) -> torch.Tensor:
         if backend == "triton":
-            out, den = causal_linear_forward_triton(q, k, v, eps=eps, chunk_size=chunk_size)
+            # Fused feature map: out and gradients in the inputs' dtypes (no conversions).
+            out, den = causal_linear_forward_triton(
+                q, k, v, eps=eps, chunk_size=chunk_size, feature_map=feature_map,
+                out_dtype=v.dtype if feature_map else torch.float32,
+            )  # fmt: skip
         else:
             out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
         ctx.save_for_backward(q, k, v, out, den)
         ctx.eps, ctx.backend, ctx.chunk_size = eps, backend, chunk_size
+        ctx.feature_map = feature_map
         return out
 
     @staticmethod
@@ -150,13 +159,15 @@ class _CausalLinear(torch.autograd.Function):
         q, k, v, out, den = ctx.saved_tensors
         if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
             dq, dk, dv = causal_linear_backward_triton(
-                q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size
-            )
+                q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size,
+                feature_map=ctx.feature_map,
+                grad_dtype=q.dtype if ctx.feature_map else torch.float32,
+            )  # fmt: skip
         else:
             dq, dk, dv = causal_linear_backward_chunked(
                 q, k, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
             )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def causal_linear(
@@ -180,3 +191,28 @@ def causal_linear(
         raise TypeError("backend='triton' supports float32/float16/bfloat16 inputs, not float64")
     size = chunk_size or (64 if resolved == "triton" else DEFAULT_CHUNK_SIZE)
     return _CausalLinear.apply(q, k, v, float(eps), resolved, size)
+
+
+def causal_linear_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str = "elu",
+    eps: float = 1e-6,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Causal linear attention on raw q, k: ``causal_linear(φ(q), φ(k), v)`` with φ applied
+    inside the Triton kernels (``feature_map`` in ``FUSED_FEATURE_MAPS``; ``elu``: elu + 1).
+
+    No feature tensors and no dtype conversions are formed, which on a GPU removes some thirty
+    elementwise launches per training step; the output and gradients keep the inputs' dtypes
+    (fp32 accumulation). Triton only: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    _check_shapes(q, k, v, chunk_size)
+    if q.dtype == torch.float64:
+        raise TypeError("causal_linear_fused runs float32/float16/bfloat16 inputs, not float64")
+    if feature_map not in FUSED_FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
+    size = chunk_size or 64
+    return _CausalLinear.apply(q, k, v, float(eps), "triton", size, feature_map)

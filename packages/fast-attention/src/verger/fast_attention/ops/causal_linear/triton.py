@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - triton is optional at import
 MAX_HEAD_DIM = 256
 MAX_GRID_Z = 65535  # batch*heads rides on a grid axis limited to this
 PRECISIONS = ("tf32x3", "tf32", "ieee")
+FUSED_FEATURE_MAPS = ("elu",)  # feature maps the kernels can apply to raw q, k on load
 DEFAULT_CHUNK = 64
 
 if HAS_TRITON:
@@ -59,6 +60,26 @@ if HAS_TRITON:
         return tl.load(
             ptr + bh * n * width + rows[:, None] * width + cols[None, :], mask=mask, other=0.0
         )
+
+    @triton.jit
+    def _elu_plus_one(x):
+        """φ(x) = elu(x) + 1 (fp32): the default feature map, fused into the loads."""
+        return tl.where(x > 0, x + 1.0, tl.exp(x))
+
+    @triton.jit
+    def _elu_slope(x):
+        """φ'(x) for φ = elu + 1 (fp32): what the fused backward multiplies dq and dk by."""
+        return tl.where(x > 0, 1.0, tl.exp(x))
+
+    @triton.jit
+    def _feature_tile(ptr, bh, n, width, rows, cols, FEATURE: tl.constexpr):
+        """A (rows, cols) tile of features: as stored, or φ = elu + 1 of the raw input when
+        ``FEATURE`` (formed in fp32, rounded to the input's dtype); zero outside the tensor."""
+        x = _rows_tile(ptr, bh, n, width, rows, cols)
+        if FEATURE:
+            mask = (rows < n)[:, None] & (cols < width)[None, :]
+            x = tl.where(mask, _elu_plus_one(x.to(tl.float32)), 0.0).to(x.dtype)
+        return x
 
     @triton.jit
     def _state_tile(base, dk, dv, offs_k, offs_v):
@@ -82,16 +103,18 @@ if HAS_TRITON:
         x_ptr, y_ptr, base, bh, n, dk, dv, rows, offs_v,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
         WITH_Z: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):  # fmt: skip
         """Reduced over key-dim blocks (unrolled: a runtime loop spills): ``X Yᵀ`` (BT, BT),
-        ``X S[:, value block]`` (BT, BV) and, with ``WITH_Z``, ``X z`` (BT); X, Y are (n, dk)."""
+        ``X S[:, value block]`` (BT, BV) and, with ``WITH_Z``, ``X z`` (BT); X, Y are (n, dk)
+        features (or raw inputs mapped on load, ``FEATURE``)."""
         pairs = tl.zeros([BT, BT], dtype=tl.float32)
         inter = tl.zeros([BT, BV], dtype=tl.float32)
         xz = tl.zeros([BT], dtype=tl.float32)
         for kb in tl.static_range(K_BLOCKS):
             offs_k = kb * BK + tl.arange(0, BK)
-            x = _rows_tile(x_ptr, bh, n, dk, rows, offs_k)
-            y = _rows_tile(y_ptr, bh, n, dk, rows, offs_k)
+            x = _feature_tile(x_ptr, bh, n, dk, rows, offs_k, FEATURE)
+            y = _feature_tile(y_ptr, bh, n, dk, rows, offs_k, FEATURE)
             s = _state_tile(base, dk, dv, offs_k, offs_v)
             pairs = tl.dot(x, tl.trans(y), pairs, input_precision=PRECISION)
             x32 = x.to(tl.float32)
@@ -138,9 +161,11 @@ if HAS_TRITON:
         WITH_Z: tl.constexpr,
         GRAD: tl.constexpr,
         PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):
         """states[c] = [B_cᵀ C_c, Σ_t B_t] (forward) or [B_cᵀ (C_c / d), −Σ_t (w_t / d_t) B_t]
-        (backward, ``GRAD``), for one (key block, value block) of one chunk."""
+        (backward, ``GRAD``), for one (key block, value block) of one chunk; B is mapped by
+        φ = elu + 1 on load when ``FEATURE``."""
         pid_kv, bh, _, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         n_vblocks = tl.cdiv(dv, BV)
         kb = pid_kv // n_vblocks
@@ -149,11 +174,12 @@ if HAS_TRITON:
         offs_v = vb * BV + tl.arange(0, BV)
         mask_k = offs_k < dk
         mask_v = offs_v < dv
+        mask_b = mask_k[:, None] & mask_t[None, :]
         bt = tl.load(  # B_cᵀ as a (BK, BT) tile
-            b_ptr + bh * n * dk + rows[None, :] * dk + offs_k[:, None],
-            mask=mask_k[:, None] & mask_t[None, :],
-            other=0.0,
+            b_ptr + bh * n * dk + rows[None, :] * dk + offs_k[:, None], mask=mask_b, other=0.0
         )
+        if FEATURE:
+            bt = tl.where(mask_b, _elu_plus_one(bt.to(tl.float32)), 0.0).to(bt.dtype)
         c = tl.load(
             c_ptr + bh * n * dv + rows[:, None] * dv + offs_v[None, :],
             mask=mask_t[:, None] & mask_v[None, :],
@@ -227,14 +253,16 @@ if HAS_TRITON:
         NORMALIZE: tl.constexpr,
         PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):
-        """One chunk, one value block: out = (tril(Q Kᵀ) V + Q S_c) / d, d = den + eps."""
+        """One chunk, one value block: out = (tril(Q Kᵀ) V + Q S_c) / d, d = den + eps; out is
+        stored in out_ptr's dtype."""
         pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
         mv = mask_t[:, None] & (offs_v < dv)[None, :]
         scores, inter, qz = _over_keys(
             q_ptr, k_ptr, base, bh, n, dk, dv, rows, offs_v,
-            BT, BK, BV, K_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION,
+            BT, BK, BV, K_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION, FEATURE,
         )  # fmt: skip
         scores = tl.where(offs_t[:, None] >= offs_t[None, :], scores, 0.0)
         v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
@@ -251,6 +279,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_kernel(
+        q_ptr,
         k_ptr,
         v_ptr,
         do_ptr,
@@ -270,9 +299,11 @@ if HAS_TRITON:
         NORMALIZE: tl.constexpr,
         PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):
         """dq_i = (Σ_{j≤i, same chunk} (do_i·v_j − w_i) k_j + S_c do_i − w_i z_c) / d_i for one
-        key block; the value dimension is reduced in blocks of ``BV``."""
+        key block; the value dimension is reduced in blocks of ``BV``. With ``FEATURE``, k is
+        mapped on load and dq is taken back through φ to the raw q (read only then)."""
         pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
         mask_k = offs_k < dk
@@ -281,7 +312,7 @@ if HAS_TRITON:
             do_ptr, v_ptr, base, bh, n, dk, dv, rows, offs_k,
             BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
         )  # fmt: skip
-        k = _rows_tile(k_ptr, bh, n, dk, rows, offs_k)
+        k = _feature_tile(k_ptr, bh, n, dk, rows, offs_k, FEATURE)
         keep = offs_t[:, None] >= offs_t[None, :]
         if NORMALIZE:
             w = tl.load(w_ptr + bh * n + rows, mask=mask_t, other=0.0)
@@ -293,11 +324,14 @@ if HAS_TRITON:
         else:
             u = tl.where(keep, dov, 0.0)
             dq = tl.dot(u.to(k.dtype), k, inter, input_precision=PRECISION)
+        if FEATURE:
+            dq *= _elu_slope(_rows_tile(q_ptr, bh, n, dk, rows, offs_k).to(tl.float32))
         tl.store(dq_ptr + bh * n * dk + rows[:, None] * dk + offs_k[None, :], dq, mask=mk)
 
     @triton.jit
     def _dk_kernel(
         q_ptr,
+        k_ptr,
         v_ptr,
         do_ptr,
         d_ptr,
@@ -317,9 +351,11 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         INTRA_PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):
         """dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i for one key block: the intra-chunk part plus the
-        reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks."""
+        reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks. With ``FEATURE``, q is mapped
+        on load and dk is taken back through φ to the raw k (read only then)."""
         pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_k = pid_k * BK + tl.arange(0, BK)
         mask_k = offs_k < dk
@@ -328,7 +364,7 @@ if HAS_TRITON:
             v_ptr, do_ptr, base, bh, n, dk, dv, rows, offs_k,
             BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
         )  # fmt: skip
-        q = _rows_tile(q_ptr, bh, n, dk, rows, offs_k)
+        q = _feature_tile(q_ptr, bh, n, dk, rows, offs_k, FEATURE)
         keep = offs_t[None, :] >= offs_t[:, None]  # row j (key), column i (query): i ≥ j
         if NORMALIZE:
             # Columns scaled by 1/d_i (tiny at long lengths): fp32 operands keep the range.
@@ -341,6 +377,8 @@ if HAS_TRITON:
         else:
             dscores_t = tl.where(keep, vdo, 0.0)
             grad = tl.dot(dscores_t.to(q.dtype), q, grad, input_precision=PRECISION)
+        if FEATURE:
+            grad *= _elu_slope(_rows_tile(k_ptr, bh, n, dk, rows, offs_k).to(tl.float32))
         tl.store(dk_ptr + bh * n * dk + rows[:, None] * dk + offs_k[None, :], grad, mask=mk)
 
     @triton.jit
@@ -364,6 +402,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         INTRA_PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
     ):
         """dv_j = Σ_{i≥j} (q_i·k_j) g_i for one value block: intra-chunk + later chunks."""
         pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
@@ -371,7 +410,7 @@ if HAS_TRITON:
         mv = mask_t[:, None] & (offs_v < dv)[None, :]
         scores_t, grad, _ = _over_keys(
             k_ptr, q_ptr, base, bh, n, dk, dv, rows, offs_v,
-            BT, BK, BV, K_BLOCKS, False, PRECISION, STATE_PRECISION,
+            BT, BK, BV, K_BLOCKS, False, PRECISION, STATE_PRECISION, FEATURE,
         )  # fmt: skip
         scores_t = tl.where(offs_t[None, :] >= offs_t[:, None], scores_t, 0.0)
         do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
@@ -415,11 +454,18 @@ class _Plan:
         precision: str | None,
         normalize: bool = True,
         arch: int | None = None,
+        feature_map: str | None = None,
     ):
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+        if feature_map is not None and feature_map not in FUSED_FEATURE_MAPS:
+            raise ValueError(
+                f"feature_map={feature_map!r}: the kernels fuse only {FUSED_FEATURE_MAPS} "
+                "(or None for precomputed features)"
+            )
+        self.feature = feature_map is not None
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(
                 f"backend='triton' supports float32/float16/bfloat16 inputs, not {q.dtype}"
@@ -472,9 +518,10 @@ class _Plan:
         if kernel == "states":
             precision = self.state_prec if grad else self.prec
             return {**tiles, "WITH_Z": normalize, "GRAD": grad, "PRECISION": precision,
-                    "num_warps": 8 if grad else 4}  # fmt: skip
+                    "FEATURE": self.feature, "num_warps": 8 if grad else 4}  # fmt: skip
         if kernel == "scan":
             return {"BC": 16, "BE": 128, "REVERSE": reverse}
+        dots["FEATURE"] = self.feature
         if kernel == "forward":
             return {**tiles, "K_BLOCKS": self.k_blocks, "NORMALIZE": normalize, **dots}
         if kernel == "dq":
@@ -538,16 +585,20 @@ def causal_linear_forward_triton(
     normalize: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
     precision: str | None = None,
+    feature_map: str | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention on features (normalized) or the causal product (not).
 
-    Returns ``(out, d)``: ``out`` (..., N, Dv) float32 and ``d = den + eps`` (..., N) float32
-    when ``normalize`` (``None`` otherwise), which the backward needs.
+    Returns ``(out, d)``: ``out`` (..., N, Dv) in ``out_dtype`` (fp32 accumulation whatever
+    it is) and ``d = den + eps`` (..., N) float32 when ``normalize`` (``None`` otherwise),
+    which the backward needs. ``feature_map="elu"``: q and k are raw inputs, mapped by
+    φ = elu + 1 inside the kernels (no feature tensors are formed).
     """
-    plan = _Plan(q, v, chunk_size, precision, normalize)
+    plan = _Plan(q, v, chunk_size, precision, normalize, feature_map=feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
     bh = q3.shape[0]
-    out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=torch.float32)
+    out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=out_dtype)
     d = torch.empty(bh, plan.n, device=q.device, dtype=torch.float32) if normalize else None
     if plan.n and bh:
         states = plan.states(k3, v3, normalize=normalize)
@@ -571,18 +622,21 @@ def causal_linear_backward_triton(
     *,
     chunk_size: int = DEFAULT_CHUNK,
     precision: str | None = None,
+    feature_map: str | None = None,
+    grad_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``causal_linear_forward_triton`` from its ``out`` (float32) and ``d``;
-    both are ``None`` for the unnormalized product. Returns float32 (dq, dk, dv)."""
+    """Gradients of ``causal_linear_forward_triton`` from its ``out`` and ``d``; both are
+    ``None`` for the unnormalized product. Returns (dq, dk, dv) in ``grad_dtype``, with
+    respect to the raw q, k when ``feature_map`` is fused (as in the forward)."""
     normalize = d is not None
     if normalize and out is None:
-        raise ValueError("the normalized backward needs the forward's float32 output")
-    plan = _Plan(q, v, chunk_size, precision, normalize)
+        raise ValueError("the normalized backward needs the forward's output")
+    plan = _Plan(q, v, chunk_size, precision, normalize, feature_map=feature_map)
     q3, k3, v3, do3 = plan.flat(q), plan.flat(k), plan.flat(v), plan.flat(grad_out)
     bh = q3.shape[0]
-    dq = torch.empty(bh, plan.n, plan.dk, device=q.device, dtype=torch.float32)
+    dq = torch.empty(bh, plan.n, plan.dk, device=q.device, dtype=grad_dtype)
     dk = torch.empty_like(dq)
-    dv = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=torch.float32)
+    dv = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=grad_dtype)
     if plan.n and bh:
         d3 = w3 = do3  # placeholders when unnormalized (never read)
         if d is not None and out is not None:
@@ -590,20 +644,20 @@ def causal_linear_backward_triton(
             w3 = torch.empty_like(d3)  # w = do · out, per position
             rows = bh * plan.n
             _row_dot_kernel[(triton.cdiv(rows, 16),)](
-                do3, plan.flat(out, torch.float32), w3, rows, plan.dv,
+                do3, plan.flat(out, out.dtype), w3, rows, plan.dv,
                 BR=16, BV=max(16, next_power_of_2(plan.dv)),
             )  # fmt: skip
         sizes = (plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size)
         states = plan.states(k3, v3, normalize=normalize)
         _dq_kernel[plan.grid("dq", bh)](
-            k3, v3, do3, d3, w3, states, dq, *sizes, **plan.meta("dq", normalize=normalize)
+            q3, k3, v3, do3, d3, w3, states, dq, *sizes, **plan.meta("dq", normalize=normalize)
         )
         states = plan.states(
             q3, do3, normalize=normalize, reverse=True,
             d=d3 if normalize else None, w=w3 if normalize else None,
         )  # fmt: skip
         _dk_kernel[plan.grid("dk", bh)](
-            q3, v3, do3, d3, w3, states, dk, *sizes, **plan.meta("dk", normalize=normalize)
+            q3, k3, v3, do3, d3, w3, states, dk, *sizes, **plan.meta("dk", normalize=normalize)
         )
         _dv_kernel[plan.grid("dv", bh)](
             q3, k3, do3, d3, states, dv, *sizes, **plan.meta("dv", normalize=normalize)
