@@ -218,16 +218,24 @@ def test_triton_on_gpu_all_dtypes(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, dim", [(32768, 64), (4096, 128), (2000, 256)])
-def test_triton_on_gpu_long_sequences_and_wide_heads(dtype, n, dim):
+def test_triton_on_gpu_long_sequences_and_wide_heads(dtype, n, dim, fused):
     # Against the chunked torch path in fp64 on the same GPU: at 32k tokens the inter-chunk dq/dk
     # terms cancel to ~1/180 of their size, the case that needs fp32 states and 3xTF32.
-    q, k, v = (t.cuda().to(dtype).requires_grad_() for t in _features(1, 4, n, dim, seed=7))
-    out, ref, got, want = _grads_vs_reference(
-        causal_linear, functools.partial(causal_linear, backend="torch"), q, k, v
-    )
-    assert_close(out, ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, name="out")
+    # ``fused``: raw q, k through linear_attention's path (elu+1 inside the kernels).
+    q, k, v = (t.cuda() for t in _features(1, 4, n, dim, seed=7))
+    fn, ref_fn = causal_linear, functools.partial(causal_linear, backend="torch")
+    if fused:
+        q, k = (4 * t - 2 for t in (q, k))
+        fn = causal_linear_fused
+        ref_fn = lambda a, b, c: causal_linear(F.elu(a) + 1, F.elu(b) + 1, c, backend="torch")  # noqa: E731
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, ref, got, want = _grads_vs_reference(fn, ref_fn, q, k, v)
+    assert out.dtype == (dtype if fused else torch.float32)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close(out.float(), ref.float(), rtol=tol, name="out")
     for name, a, b in zip("qkv", got, want):
         assert_close(a.float(), b.float(), rtol=3e-2, name=f"d{name}")
 
