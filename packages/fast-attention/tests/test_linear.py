@@ -151,13 +151,26 @@ def test_bad_arguments():
         linear_attention_step(q, k, v)
 
 
-def test_torch_compile_cpu():
+@pytest.mark.parametrize("backend, feature_map", [("torch", "elu"), ("triton", "elu"),
+                                                  ("triton", "favor")])  # fmt: skip
+def test_torch_compile_traces_every_path_in_one_graph(backend, feature_map):
+    # fullgraph: no graph break, also through the Triton launchers (custom ops when compiling;
+    # "elu" is the fused path, "favor" feeds precomputed features)
+    torch._dynamo.reset()
+    fm = FavorFeatureMap(8, 16, seed=0) if feature_map == "favor" else "elu"
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, n=40, d=8))
-    compiled = torch.compile(lambda *x: linear_attention(*x, causal=True), backend="aot_eager")
-    out = compiled(q, k, v)
-    assert_close(out, linear_attention(q, k, v, causal=True), rtol=1e-5)
-    out.sum().backward()
-    assert torch.isfinite(q.grad).all()
+
+    def fn(q, k, v):
+        return linear_attention(q, k, v, causal=True, backend=backend, feature_map=fm)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    got = compiled(q, k, v)
+    want = fn(q, k, v)
+    assert_close(got, want, rtol=1e-5)
+    grad = torch.randn_like(want)
+    for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), grad),
+                          torch.autograd.grad(want, (q, k, v), grad)):  # fmt: skip
+        assert_close(a, b, rtol=1e-5, name=f"d{name}")
 
 
 def test_inplace_step_equals_functional_step():

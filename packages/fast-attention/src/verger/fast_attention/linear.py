@@ -95,12 +95,11 @@ def linear_attention(
         raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
     mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
     fm = get_feature_map(feature_map, q.shape[-1], **feature_map_options)
-    dtype = compute_dtype(v.dtype)
     if causal and mask is None and _fuses_feature_map(fm, q, k, v, backend):
         out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size)
         return (out, _state(fm, k, v, q.shape[2])) if return_state else out
     qf, kf = _features(fm, q, k, mask)
-    vv = v.to(dtype)
+    vv = v.to(compute_dtype(v.dtype))
     if causal:
         launch = (max(qf.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
         low = v.dtype in (torch.float16, torch.bfloat16)

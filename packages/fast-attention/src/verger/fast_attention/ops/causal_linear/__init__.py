@@ -20,6 +20,7 @@ from verger.fast_attention.ops.causal_linear.chunked import (
     causal_product_backward_chunked,
     causal_product_chunked,
 )
+from verger.fast_attention.ops.causal_linear.library import triton_backward, triton_forward
 from verger.fast_attention.ops.causal_linear.reference import (
     causal_linear_reference,
     causal_product_reference,
@@ -28,8 +29,6 @@ from verger.fast_attention.ops.causal_linear.triton import (
     FUSED_FEATURE_MAPS,
     MAX_GRID_Z,
     MAX_HEAD_DIM,
-    causal_linear_backward_triton,
-    causal_linear_forward_triton,
     causal_product_triton,
 )
 
@@ -71,16 +70,20 @@ class _CausalProduct(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.backend, ctx.chunk_size = backend, chunk_size
         if backend == "triton":
-            return causal_linear_forward_triton(q, k, v, normalize=False, chunk_size=chunk_size)[0]
+            return triton_forward(
+                q, k, v, eps=0.0, normalize=False, chunk_size=chunk_size, feature_map=None,
+                out_dtype=torch.float32,
+            )[0]  # fmt: skip
         return causal_product_chunked(q, k, v, chunk_size=chunk_size)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
         if ctx.backend == "triton":
-            dq, dk, dv = causal_linear_backward_triton(
-                q, k, v, None, None, grad_out, chunk_size=ctx.chunk_size
-            )
+            dq, dk, dv = triton_backward(
+                q, k, v, None, None, grad_out, chunk_size=ctx.chunk_size, feature_map=None,
+                grad_dtype=torch.float32,
+            )  # fmt: skip
         else:
             dq, dk, dv = causal_product_backward_chunked(
                 q, k, v, grad_out, chunk_size=ctx.chunk_size
@@ -143,8 +146,8 @@ class _CausalLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         if backend == "triton":
             # Fused feature map: out and gradients in the inputs' dtypes (no conversions).
-            out, den = causal_linear_forward_triton(
-                q, k, v, eps=eps, chunk_size=chunk_size, feature_map=feature_map,
+            out, den = triton_forward(
+                q, k, v, eps=eps, normalize=True, chunk_size=chunk_size, feature_map=feature_map,
                 out_dtype=v.dtype if feature_map else torch.float32,
             )  # fmt: skip
         else:
@@ -158,7 +161,7 @@ class _CausalLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, den = ctx.saved_tensors
         if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
-            dq, dk, dv = causal_linear_backward_triton(
+            dq, dk, dv = triton_backward(
                 q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size,
                 feature_map=ctx.feature_map,
                 grad_dtype=q.dtype if ctx.feature_map else torch.float32,

@@ -23,6 +23,11 @@ and ``_dv_kernel``. The inter-chunk terms of dq and dk are two sums growing with
 to ~√N, so they run on fp32 states with 3xTF32 dots; the intra-chunk terms are formed after
 the cancellation (``do·v − w``), so 16-bit operands are safe there.
 
+Fused feature map (``feature_map="elu"``): q and k are raw inputs; every tile of them is mapped
+by φ = elu + 1 as it is loaded (in fp32, rounded to the input dtype, zero outside the tensor),
+and the dq/dk kernels multiply their result by φ'(q) / φ'(k). ``linear_attention`` uses it, so
+no feature tensor, no feature-map backward and no dtype copy runs around the kernels.
+
 Precision: 16-bit inputs use the tensor cores with fp32 accumulation; fp32 inputs use
 ``precision`` (default ``tf32x3``: tensor cores at ~fp32 accuracy; ``ieee`` runs the dots on
 FMA units, which spills registers at these tile sizes and is many times slower).
@@ -575,7 +580,6 @@ class _Plan:
         return states
 
 
-@torch.compiler.disable
 def causal_linear_forward_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -611,7 +615,6 @@ def causal_linear_forward_triton(
     return out, (d.view(*plan.batch, plan.n) if d is not None else None)
 
 
-@torch.compiler.disable
 def causal_linear_backward_triton(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,115 @@
+"""The Triton launchers as ``torch.library`` custom ops, so that ``torch.compile`` traces
+through the Triton path: no graph break, ``fullgraph=True`` and CUDA graphs
+(``mode="reduce-overhead"``) work, with output shapes from the ops' fake implementations.
+
+Eager calls skip the ops and run the launchers directly: a custom op's dispatch costs ~10 µs
+per call, and a training step at a few thousand tokens is bound by launch time on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from verger.fast_attention.ops.causal_linear.triton import (
+    causal_linear_backward_triton,
+    causal_linear_forward_triton,
+)
+
+__all__ = ["triton_backward", "triton_forward"]
+
+_NONE = ""  # custom op schemas take no Optional[str] here: "" stands for "no fused feature map"
+
+
+@torch.library.custom_op("verger_fast_attention::causal_linear_fwd", mutates_args=())
+def _forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    normalize: bool,
+    chunk_size: int,
+    feature_map: str,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, d = causal_linear_forward_triton(
+        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size,
+        feature_map=feature_map or None, out_dtype=out_dtype,
+    )  # fmt: skip
+    return out, d if d is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_forward_op.register_fake
+def _(q, k, v, eps, normalize, chunk_size, feature_map, out_dtype):  # type: ignore[no-untyped-def]
+    out = v.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
+    return out, q.new_empty(q.shape[:-1] if normalize else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("verger_fast_attention::causal_linear_bwd", mutates_args=())
+def _backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    d: torch.Tensor,
+    grad_out: torch.Tensor,
+    normalize: bool,
+    chunk_size: int,
+    feature_map: str,
+    grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return causal_linear_backward_triton(
+        q, k, v, out if normalize else None, d if normalize else None, grad_out,
+        chunk_size=chunk_size, feature_map=feature_map or None, grad_dtype=grad_dtype,
+    )  # fmt: skip
+
+
+@_backward_op.register_fake
+def _(q, k, v, out, d, grad_out, normalize, chunk_size, feature_map, grad_dtype):  # type: ignore[no-untyped-def]
+    return tuple(t.new_empty(t.shape, dtype=grad_dtype) for t in (q, k, v))
+
+
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    eps: float,
+    normalize: bool,
+    chunk_size: int,
+    feature_map: str | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``causal_linear_forward_triton``, through its custom op while compiling."""
+    if not torch.compiler.is_compiling():
+        return causal_linear_forward_triton(
+            q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size,
+            feature_map=feature_map, out_dtype=out_dtype,
+        )  # fmt: skip
+    out, d = _forward_op(q, k, v, eps, normalize, chunk_size, feature_map or _NONE, out_dtype)
+    return out, d if normalize else None
+
+
+def triton_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    d: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    *,
+    chunk_size: int,
+    feature_map: str | None,
+    grad_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``causal_linear_backward_triton``, through its custom op while compiling."""
+    if not torch.compiler.is_compiling():
+        return causal_linear_backward_triton(
+            q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
+            grad_dtype=grad_dtype,
+        )  # fmt: skip
+    normalize = d is not None
+    empty = q.new_empty(0)
+    return _backward_op(
+        q, k, v, out if out is not None else empty, d if d is not None else empty, grad_out,
+        normalize, chunk_size, feature_map or _NONE, grad_dtype,
+    )  # fmt: skip
