@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A short GPU check for a leased machine with a preinstalled torch/triton/pytest (no installs),
 # most important first (the open question is the fast-attention GPU speed): the fast-attention
-# gpu tests, its Triton-vs-SDPA/fla sweep (plus CUDA-graph replays), the causal clustered LM
-# form, fused-vs-unfused feature map timings with kernel tables, then core's gpu tests and
-# kernel/LM benchmark (SKIP_CORE=1 leaves those out). Only logs go to ${OUT:-build/gpu-smoke}
-# (at most 8 files come back from a device call); every figure is printed into them.
-# Worst case 580 s (SKIP_CORE=1: 470 s); seen on an H200: 80 s of tests, then a cold sweep
+# gpu tests, its Triton-vs-SDPA/fla sweep (plus CUDA-graph replays and the sequential
+# schedule), the causal clustered LM form, fused/unfused/sequential timings with kernel
+# tables, then core's gpu tests and kernel/LM benchmark (SKIP_CORE=1 leaves those out). Only
+# logs go to ${OUT:-build/gpu-smoke} (at most 8 files come back from a device call); every
+# figure is printed into them.
+# Worst case 590 s (SKIP_CORE=1: 480 s); seen on an H200: 80 s of tests, then a cold sweep
 # over 120 s (fla autotunes at every sequence length). For the full check through nox, use
 # ci/gpu-check.sh.
 set -uo pipefail
@@ -54,25 +55,28 @@ for n in (8192, 32768):
     print({k: round(v, 3) for k, v in report.metrics.items() if k.endswith(f"n{n}")}, flush=True)
 PY
 
-# The fused feature map vs features formed outside the kernels (the same Triton kernels), and
-# where the time goes in one fp16 fwd+bwd (kernel table).
-timeout 50 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -40
+# The fused feature map vs features formed outside the kernels (the same Triton kernels) and
+# vs the sequential schedule, and where the time goes in one fp16 fwd+bwd (kernel tables).
+timeout 60 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -40
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from verger.core.bench import compare
 from verger.fast_attention import linear_attention
-from verger.fast_attention.ops.causal_linear import causal_linear
+from verger.fast_attention.ops.causal_linear import causal_linear, causal_linear_fused
 for n in (8192, 32768):
     q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
     fused = lambda: linear_attention(q, k, v, causal=True).sum().backward()
     apart = lambda: causal_linear(F.elu(q) + 1, F.elu(k) + 1, v).sum().backward()
-    med = {name: t.median_s * 1e3 for name, t in compare({"fused": fused, "apart": apart}, warmup=2, repeats=10).items()}
+    seq = lambda: causal_linear_fused(q, k, v, schedule="sequential").sum().backward()
+    steps = {"fused": fused, "apart": apart, "sequential": seq}
+    med = {name: t.median_s * 1e3 for name, t in compare(steps, warmup=2, repeats=10).items()}
     print(f"n={n} fp16 fwd+bwd ms: {med}; fused speedup {med['apart'] / med['fused']:.2f}", flush=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fused()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    for name in ("fused", "sequential"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            steps[name]()
+            torch.cuda.synchronize()
+        print(name, prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 PY
 
 if [ -n "${SKIP_CORE:-}" ]; then

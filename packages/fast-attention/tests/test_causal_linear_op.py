@@ -123,6 +123,8 @@ FORMS = {  # kernel, its spec, whether q and k are raw inputs (any sign) or feat
     "product": (functools.partial(causal_product, backend="triton"), causal_product_reference),
     # elu+1 applied inside the kernels: with Dk padded, φ(0) = 1 must not leak into the dots
     "fused_elu": (causal_linear_fused, _elu_reference),
+    # one program per batch·head looping over the chunks (head dims <= 64)
+    "sequential": (functools.partial(causal_linear_fused, schedule="sequential"), _elu_reference),
 }
 
 
@@ -133,10 +135,16 @@ FORMS = {  # kernel, its spec, whether q and k are raw inputs (any sign) or feat
     [
         ((2, 3, 135, 20, 80), 32),  # 5 chunks with a ragged tail, Dk padded, Dv in 2 blocks
         ((1, 2, 70, 100, 130), 64),  # head dims > 64: blocked reductions, shorter chunks
+        ((2, 2, 200, 64, 40), 64),  # the sequential schedule's widest heads, Dv padded
     ],
 )
 def test_triton_forward_backward_ragged_and_wide(form, shape, chunk):
     b, h, n, dk, dv = shape
+    if form == "sequential" and max(dk, dv) > 64:
+        with pytest.raises(ValueError, match="schedule='parallel'"):
+            q, k, _ = _features(b, h, n, dk)
+            causal_linear_fused(q, k, torch.rand(b, h, n, dv), schedule="sequential")
+        return
     g = torch.Generator().manual_seed(1)
     make = torch.randn if form == "fused_elu" else torch.rand
     q, k = (make(b, h, n, dk, generator=g).requires_grad_() for _ in range(2))
@@ -174,7 +182,7 @@ def test_triton_fp16_state_stays_fp32_past_fp16_range():
 
 
 @needs_triton
-def test_triton_rejects_unknown_precision_dtype_and_feature_map():
+def test_triton_rejects_unknown_precision_dtype_and_feature_map(monkeypatch):
     a, b, c = _features(1, 1, 8, 16)
     with pytest.raises(ValueError, match="precision"):
         causal_product_triton(a, b, c, precision="fp64")
@@ -184,19 +192,26 @@ def test_triton_rejects_unknown_precision_dtype_and_feature_map():
         causal_linear_fused(a.double(), b.double(), c.double())
     with pytest.raises(ValueError, match="favor"):
         causal_linear_fused(a, b, c, feature_map="favor")
+    with pytest.raises(ValueError, match="schedule"):
+        causal_linear_fused(a, b, c, schedule="serial")
+    from verger.fast_attention.ops.causal_linear import triton_sequential
+
+    monkeypatch.setattr(triton_sequential, "_device_arch", lambda device: 80)  # an A100
+    with pytest.raises(ValueError, match="sm_90"):
+        causal_linear_fused(a, b, c, schedule="sequential")
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("form", ["normalized", "fused_elu"])
+@pytest.mark.parametrize("form", ["normalized", "fused_elu", "sequential"])
 def test_triton_causal_linear_forward_backward(dtype, tol, form):
     q, k, v = (t.requires_grad_() for t in _features(2, 2, 45, 16, dtype=dtype))
-    if form == "fused_elu":  # raw inputs of either sign
+    if form != "normalized":  # raw inputs of either sign
         q, k = (t.detach().sub(0.5).mul(4).requires_grad_() for t in (q, k))
     fn, ref_fn = FORMS[form]
     out, ref, got, want = _grads_vs_reference(fn, ref_fn, q, k, v, chunk_size=16)
     # the fused path returns the inputs' dtype; on features, fp32
-    assert out.dtype == (dtype if form == "fused_elu" else torch.float32)
+    assert out.dtype == (torch.float32 if form == "normalized" else dtype)
     assert_close(out.float(), ref.float(), rtol=tol, name="out")
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
@@ -218,18 +233,23 @@ def test_triton_on_gpu_all_dtypes(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, "sequential"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, dim", [(32768, 64), (4096, 128), (2000, 256)])
 def test_triton_on_gpu_long_sequences_and_wide_heads(dtype, n, dim, fused):
     # Against the chunked torch path in fp64 on the same GPU: at 32k tokens the inter-chunk dq/dk
     # terms cancel to ~1/180 of their size, the case that needs fp32 states and 3xTF32.
-    # ``fused``: raw q, k through linear_attention's path (elu+1 inside the kernels).
+    # ``fused``: raw q, k through linear_attention's path (elu+1 inside the kernels), with the
+    # chunk-parallel or (head dims <= 64) the sequential schedule.
+    if fused == "sequential" and dim > 64:
+        pytest.skip("the sequential schedule runs head dims <= 64")
     q, k, v = (t.cuda() for t in _features(1, 4, n, dim, seed=7))
     fn, ref_fn = causal_linear, functools.partial(causal_linear, backend="torch")
     if fused:
         q, k = (4 * t - 2 for t in (q, k))
-        fn = causal_linear_fused
+        fn = functools.partial(
+            causal_linear_fused, schedule="sequential" if fused == "sequential" else "parallel"
+        )
         ref_fn = lambda a, b, c: causal_linear(F.elu(a) + 1, F.elu(b) + 1, c, backend="torch")  # noqa: E731
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     out, ref, got, want = _grads_vs_reference(fn, ref_fn, q, k, v)

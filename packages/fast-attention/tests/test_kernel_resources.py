@@ -145,3 +145,41 @@ def test_gathered_attention_kernels_do_not_spill():
             spilled = max(res.spill_store_bytes, res.spill_load_bytes)
             assert spilled <= key[3], f"gathered attention {key}: {res}"
             assert res.tensor_core_instructions > 0, f"gathered attention {key}: {res}"
+
+
+def _sequential_configs(dtype: str, arch: int) -> list[tuple[str, KernelConfig]]:
+    """The sequential schedule's three launches at head dim 64 with elu+1 fused."""
+    from verger.fast_attention.ops.causal_linear import triton_sequential as seq
+
+    x = torch.empty(1, 1, 256, 64, dtype=DTYPES[dtype])
+    plan = kernels._Plan(x, x, kernels.DEFAULT_CHUNK, None, arch=arch, feature_map="elu")
+    t, f = f"*{dtype}", "*fp32"
+    dims = {"n": "i32", "dk": "i32", "dv": "i32"}
+    signatures = {
+        "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "out_ptr": t, "d_ptr": f, **dims,
+                    "eps": "fp32"},
+        "dq": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "out_ptr": t, "d_ptr": f,
+               "w_ptr": f, "dq_ptr": t, **dims},
+        "dkv": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
+                "dk_ptr": t, "dv_ptr": t, **dims},
+    }  # fmt: skip
+    fns = {"forward": seq._seq_forward_kernel, "dq": seq._seq_dq_kernel,
+           "dkv": seq._seq_dkv_kernel}  # fmt: skip
+    out = []
+    for name, fn in fns.items():
+        meta = seq.sequential_meta(plan, name)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        out.append((name, KernelConfig(fn, signatures[name], meta, warps, stages)))
+    return out
+
+
+def test_sequential_schedule_kernels_do_not_spill_and_use_tensor_cores():
+    # sm_90 only (the schedule refuses older GPUs: there these kernels spill 0.1-4 KB);
+    # a few bytes allowed where the 3xTF32 state products fill the register file
+    allowed = {"fp16": 0, "bf16": 8, "fp32": 32}
+    labelled = [(dtype, *item) for dtype in DTYPES for item in _sequential_configs(dtype, 90)]
+    results = kernel_resources(*(cfg for *_, cfg in labelled), arch=90)
+    for (dtype, label, _), res in zip(labelled, results):
+        spilled = max(res.spill_store_bytes, res.spill_load_bytes)
+        assert spilled <= allowed[dtype], f"sequential {label} sm_90 {dtype}: {res}"
+        assert res.tensor_core_instructions > 0, f"sequential {label} runs on FMA units: {res}"

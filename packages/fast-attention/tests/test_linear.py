@@ -11,6 +11,7 @@ from verger.fast_attention import (
     linear_attention,
     linear_attention_step,
 )
+from verger.fast_attention.ops.causal_linear import causal_linear_fused
 
 
 def _qkv(b=2, h=3, n=33, d=8, dv=None, dtype=torch.float32, seed=0):
@@ -152,15 +153,18 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("backend, feature_map", [("torch", "elu"), ("triton", "elu"),
-                                                  ("triton", "favor")])  # fmt: skip
+                                                  ("triton", "favor"), ("sequential", "elu")])  # fmt: skip
 def test_torch_compile_traces_every_path_in_one_graph(backend, feature_map):
     # fullgraph: no graph break, also through the Triton launchers (custom ops when compiling;
-    # "elu" is the fused path, "favor" feeds precomputed features)
+    # "elu" is the fused path, "favor" feeds precomputed features, "sequential" the fused
+    # path's other schedule)
     torch._dynamo.reset()
     fm = FavorFeatureMap(8, 16, seed=0) if feature_map == "favor" else "elu"
     q, k, v = (t.requires_grad_() for t in _qkv(b=1, h=2, n=40, d=8))
 
     def fn(q, k, v):
+        if backend == "sequential":
+            return causal_linear_fused(q, k, v, schedule="sequential")
         return linear_attention(q, k, v, causal=True, backend=backend, feature_map=fm)
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)

@@ -26,6 +26,7 @@ from verger.fast_attention.linear import (
     linear_attention,
     linear_attention_step,
 )
+from verger.fast_attention.ops.causal_linear import causal_linear_fused
 
 HEADS, DIM = 8, 64
 
@@ -56,6 +57,11 @@ def _no_grad(attn: Callable[..., torch.Tensor], qkv: list[torch.Tensor]) -> Call
 
 def _causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return linear_attention(q, k, v, causal=True)
+
+
+def _causal_linear_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``linear_attention(causal=True)``'s fused path with the sequential Triton schedule."""
+    return causal_linear_fused(q, k, v, schedule="sequential")
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -316,7 +322,15 @@ def bench_gpu(report: Report, sizes: list[int], repeats: int) -> None:
         if fla_attn is not None:
             native = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
             fns["fla"] = _fwdbwd(fla_attn, native)
+        if torch.cuda.get_device_capability()[0] >= 9:  # the sequential schedule's GPUs
+            fns["sequential"] = _fwdbwd(_causal_linear_sequential, [q, k, v])
         med = _timing(fns, repeats)
+        if "sequential" in med:
+            report.metric(f"gpu_causal_linear_sequential_fwdbwd_ms_n{n}", med["sequential"] * 1e3)
+            report.metric(
+                f"gpu_causal_linear_sequential_speedup_vs_sdpa_n{n}",
+                med["sdpa"] / med["sequential"],
+            )
         report.metric(f"gpu_causal_linear_fwdbwd_ms_n{n}", med["ours"] * 1e3)
         report.metric(f"gpu_sdpa_causal_fwdbwd_ms_n{n}", med["sdpa"] * 1e3)
         report.metric(f"gpu_causal_linear_speedup_vs_sdpa_n{n}", med["sdpa"] / med["ours"])

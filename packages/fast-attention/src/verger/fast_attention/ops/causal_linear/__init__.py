@@ -20,7 +20,11 @@ from verger.fast_attention.ops.causal_linear.chunked import (
     causal_product_backward_chunked,
     causal_product_chunked,
 )
-from verger.fast_attention.ops.causal_linear.library import triton_backward, triton_forward
+from verger.fast_attention.ops.causal_linear.library import (
+    SCHEDULES,
+    triton_backward,
+    triton_forward,
+)
 from verger.fast_attention.ops.causal_linear.reference import (
     causal_linear_reference,
     causal_product_reference,
@@ -31,10 +35,12 @@ from verger.fast_attention.ops.causal_linear.triton import (
     MAX_HEAD_DIM,
     causal_product_triton,
 )
+from verger.fast_attention.ops.causal_linear.triton_sequential import check_sequential
 
 __all__ = [
     "BACKENDS",
     "FUSED_FEATURE_MAPS",
+    "SCHEDULES",
     "causal_linear",
     "causal_linear_fused",
     "causal_linear_reference",
@@ -143,18 +149,19 @@ class _CausalLinear(torch.autograd.Function):
         backend: str,
         chunk_size: int,
         feature_map: str | None = None,
+        schedule: str = "parallel",
     ) -> torch.Tensor:
         if backend == "triton":
             # Fused feature map: out and gradients in the inputs' dtypes (no conversions).
             out, den = triton_forward(
                 q, k, v, eps=eps, normalize=True, chunk_size=chunk_size, feature_map=feature_map,
-                out_dtype=v.dtype if feature_map else torch.float32,
+                out_dtype=v.dtype if feature_map else torch.float32, schedule=schedule,
             )  # fmt: skip
         else:
             out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
         ctx.save_for_backward(q, k, v, out, den)
         ctx.eps, ctx.backend, ctx.chunk_size = eps, backend, chunk_size
-        ctx.feature_map = feature_map
+        ctx.feature_map, ctx.schedule = feature_map, schedule
         return out
 
     @staticmethod
@@ -163,14 +170,14 @@ class _CausalLinear(torch.autograd.Function):
         if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
             dq, dk, dv = triton_backward(
                 q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size,
-                feature_map=ctx.feature_map,
+                feature_map=ctx.feature_map, schedule=ctx.schedule,
                 grad_dtype=q.dtype if ctx.feature_map else torch.float32,
             )  # fmt: skip
         else:
             dq, dk, dv = causal_linear_backward_chunked(
                 q, k, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
             )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def causal_linear(
@@ -204,6 +211,7 @@ def causal_linear_fused(
     feature_map: str = "elu",
     eps: float = 1e-6,
     chunk_size: int | None = None,
+    schedule: str = "parallel",
 ) -> torch.Tensor:
     """Causal linear attention on raw q, k: ``causal_linear(φ(q), φ(k), v)`` with φ applied
     inside the Triton kernels (``feature_map`` in ``FUSED_FEATURE_MAPS``; ``elu``: elu + 1).
@@ -211,11 +219,20 @@ def causal_linear_fused(
     No feature tensors and no dtype conversions are formed, which on a GPU removes some thirty
     elementwise launches per training step; the output and gradients keep the inputs' dtypes
     (fp32 accumulation). Triton only: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+    ``schedule``: ``parallel`` (chunk-parallel kernels, any batch; 11 launches per training
+    step) or ``sequential`` (one program per batch·head looping over the chunks; 3 launches,
+    for short sequences and small batches where the step is bound by launch time; head dims
+    <= 64, sm_90 GPUs).
     """
     _check_shapes(q, k, v, chunk_size)
     if q.dtype == torch.float64:
         raise TypeError("causal_linear_fused runs float32/float16/bfloat16 inputs, not float64")
     if feature_map not in FUSED_FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    if schedule == "sequential":
+        check_sequential(q, v)
     size = chunk_size or 64
-    return _CausalLinear.apply(q, k, v, float(eps), "triton", size, feature_map)
+    return _CausalLinear.apply(q, k, v, float(eps), "triton", size, feature_map, schedule)

@@ -14,10 +14,59 @@ from verger.fast_attention.ops.causal_linear.triton import (
     causal_linear_backward_triton,
     causal_linear_forward_triton,
 )
+from verger.fast_attention.ops.causal_linear.triton_sequential import (
+    causal_linear_backward_sequential,
+    causal_linear_forward_sequential,
+)
 
-__all__ = ["triton_backward", "triton_forward"]
+__all__ = ["SCHEDULES", "triton_backward", "triton_forward"]
 
+SCHEDULES = ("parallel", "sequential")  # triton.py / triton_sequential.py
 _NONE = ""  # custom op schemas take no Optional[str] here: "" stands for "no fused feature map"
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    normalize: bool,
+    chunk_size: int,
+    feature_map: str | None,
+    out_dtype: torch.dtype,
+    schedule: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if schedule == "sequential" and normalize:
+        return causal_linear_forward_sequential(
+            q, k, v, eps=eps, chunk_size=chunk_size, feature_map=feature_map, out_dtype=out_dtype
+        )
+    return causal_linear_forward_triton(
+        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size, feature_map=feature_map,
+        out_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    d: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    chunk_size: int,
+    feature_map: str | None,
+    grad_dtype: torch.dtype,
+    schedule: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if schedule == "sequential" and out is not None and d is not None:
+        return causal_linear_backward_sequential(
+            q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
+            grad_dtype=grad_dtype,
+        )  # fmt: skip
+    return causal_linear_backward_triton(
+        q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
+        grad_dtype=grad_dtype,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("verger_fast_attention::causal_linear_fwd", mutates_args=())
@@ -30,16 +79,14 @@ def _forward_op(
     chunk_size: int,
     feature_map: str,
     out_dtype: torch.dtype,
+    schedule: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, d = causal_linear_forward_triton(
-        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size,
-        feature_map=feature_map or None, out_dtype=out_dtype,
-    )  # fmt: skip
+    out, d = _forward(q, k, v, eps, normalize, chunk_size, feature_map or None, out_dtype, schedule)
     return out, d if d is not None else q.new_empty(0, dtype=torch.float32)
 
 
 @_forward_op.register_fake
-def _(q, k, v, eps, normalize, chunk_size, feature_map, out_dtype):  # type: ignore[no-untyped-def]
+def _(q, k, v, eps, normalize, chunk_size, feature_map, out_dtype, schedule):  # type: ignore[no-untyped-def]
     out = v.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
     return out, q.new_empty(q.shape[:-1] if normalize else (0,), dtype=torch.float32)
 
@@ -56,15 +103,16 @@ def _backward_op(
     chunk_size: int,
     feature_map: str,
     grad_dtype: torch.dtype,
+    schedule: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return causal_linear_backward_triton(
-        q, k, v, out if normalize else None, d if normalize else None, grad_out,
-        chunk_size=chunk_size, feature_map=feature_map or None, grad_dtype=grad_dtype,
+    return _backward(
+        q, k, v, out if normalize else None, d if normalize else None, grad_out, chunk_size,
+        feature_map or None, grad_dtype, schedule,
     )  # fmt: skip
 
 
 @_backward_op.register_fake
-def _(q, k, v, out, d, grad_out, normalize, chunk_size, feature_map, grad_dtype):  # type: ignore[no-untyped-def]
+def _(q, k, v, out, d, grad_out, normalize, chunk_size, feature_map, grad_dtype, schedule):  # type: ignore[no-untyped-def]
     return tuple(t.new_empty(t.shape, dtype=grad_dtype) for t in (q, k, v))
 
 
@@ -78,14 +126,15 @@ def triton_forward(
     chunk_size: int,
     feature_map: str | None,
     out_dtype: torch.dtype,
+    schedule: str = "parallel",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``causal_linear_forward_triton``, through its custom op while compiling."""
+    """The Triton forward of ``schedule`` (the sequential one is normalized only), through
+    its custom op while compiling."""
     if not torch.compiler.is_compiling():
-        return causal_linear_forward_triton(
-            q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size,
-            feature_map=feature_map, out_dtype=out_dtype,
-        )  # fmt: skip
-    out, d = _forward_op(q, k, v, eps, normalize, chunk_size, feature_map or _NONE, out_dtype)
+        return _forward(q, k, v, eps, normalize, chunk_size, feature_map, out_dtype, schedule)
+    out, d = _forward_op(
+        q, k, v, eps, normalize, chunk_size, feature_map or _NONE, out_dtype, schedule
+    )
     return out, d if normalize else None
 
 
@@ -100,16 +149,14 @@ def triton_backward(
     chunk_size: int,
     feature_map: str | None,
     grad_dtype: torch.dtype,
+    schedule: str = "parallel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``causal_linear_backward_triton``, through its custom op while compiling."""
+    """The Triton backward of ``schedule``, through its custom op while compiling."""
     if not torch.compiler.is_compiling():
-        return causal_linear_backward_triton(
-            q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
-            grad_dtype=grad_dtype,
-        )  # fmt: skip
+        return _backward(q, k, v, out, d, grad_out, chunk_size, feature_map, grad_dtype, schedule)
     normalize = d is not None
     empty = q.new_empty(0)
     return _backward_op(
         q, k, v, out if out is not None else empty, d if d is not None else empty, grad_out,
-        normalize, chunk_size, feature_map or _NONE, grad_dtype,
+        normalize, chunk_size, feature_map or _NONE, grad_dtype, schedule,
     )  # fmt: skip

@@ -541,6 +541,21 @@ class _Plan:
     def flat(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return t.to(dtype or self.dtype).reshape(-1, self.n, t.shape[-1]).contiguous()
 
+    def backward_buffers(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grad_out: torch.Tensor,
+        grad_dtype: torch.dtype,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The flat (batch·head, n, ·) inputs of a backward and its empty dq, dk, dv."""
+        inputs = tuple(self.flat(t) for t in (q, k, v, grad_out))
+        bh = inputs[0].shape[0]
+        dq = torch.empty(bh, self.n, self.dk, device=q.device, dtype=grad_dtype)
+        dv = torch.empty(bh, self.n, self.dv, device=q.device, dtype=grad_dtype)
+        return inputs, (dq, torch.empty_like(dq), dv)
+
     def grid(self, kernel: str, bh: int) -> tuple[int, int, int]:
         blocks = {
             "states": self.k_blocks * self.v_blocks,
@@ -635,11 +650,8 @@ def causal_linear_backward_triton(
     if normalize and out is None:
         raise ValueError("the normalized backward needs the forward's output")
     plan = _Plan(q, v, chunk_size, precision, normalize, feature_map=feature_map)
-    q3, k3, v3, do3 = plan.flat(q), plan.flat(k), plan.flat(v), plan.flat(grad_out)
+    (q3, k3, v3, do3), (dq, dk, dv) = plan.backward_buffers(q, k, v, grad_out, grad_dtype)
     bh = q3.shape[0]
-    dq = torch.empty(bh, plan.n, plan.dk, device=q.device, dtype=grad_dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=grad_dtype)
     if plan.n and bh:
         d3 = w3 = do3  # placeholders when unnormalized (never read)
         if d is not None and out is not None:
