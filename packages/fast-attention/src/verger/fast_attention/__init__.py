@@ -37,7 +37,11 @@ from verger.fast_attention.modules import (
     LinearAttention,
     register_with_core,
 )
-from verger.fast_attention.ops.causal_linear import causal_linear, causal_product
+from verger.fast_attention.ops.causal_linear import (
+    causal_linear,
+    causal_linear_fused,
+    causal_product,
+)
 
 __version__ = package_version("verger-fast-attention")
 
@@ -60,6 +64,7 @@ __all__ = [
     "causal_clustered_attention",
     "causal_clustered_attention_step",
     "causal_linear",
+    "causal_linear_fused",
     "causal_product",
     "cluster_queries",
     "clustered_attention",
