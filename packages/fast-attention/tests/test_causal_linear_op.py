@@ -272,7 +272,7 @@ def test_triton_matches_flash_linear_attention_if_installed():
     assert_close(ours, theirs.float(), rtol=5e-3)
 
 
-def test_auto_backend_picks_triton_on_cuda_only_for_head_dims_it_tiles():
+def test_auto_backend_picks_triton_on_cuda_only_for_inputs_it_tiles():
     from verger.fast_attention.ops.causal_linear import resolve_backend
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -281,6 +281,8 @@ def test_auto_backend_picks_triton_on_cuda_only_for_head_dims_it_tiles():
     assert resolve_backend("auto", cpu, 64) == "torch"
     assert resolve_backend("triton", cpu, 300) == "triton"  # explicit choices are kept
     assert resolve_backend("auto", cuda, 64, 70000) == "torch"  # batch*heads > grid axis
+    # float64 (gradcheck on a GPU) takes the torch path instead of Triton's TypeError
+    assert resolve_backend("auto", cuda, 64, 8, torch.float64) == "torch"
 
 
 @needs_triton

@@ -62,7 +62,7 @@ def _fuses_feature_map(
     if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     launch = (max(q.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
-    return resolve_backend(backend, v.device, *launch) == "triton"
+    return resolve_backend(backend, v.device, *launch, v.dtype) == "triton"
 
 
 def linear_attention(

@@ -55,11 +55,16 @@ BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def resolve_backend(
-    backend: str, device: torch.device, head_dim: int = 0, batch_heads: int = 0
+    backend: str,
+    device: torch.device,
+    head_dim: int = 0,
+    batch_heads: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> str:
-    """``auto`` picks Triton on CUDA when it is installed and the shapes fit its launch
-    (``head_dim`` <= 256, ``batch_heads`` <= 65535), the chunked torch path otherwise."""
-    fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z
+    """``auto`` picks Triton on CUDA when it is installed and the inputs fit its kernels
+    (``head_dim`` <= 256, ``batch_heads`` <= 65535, not float64), the chunked torch path
+    otherwise."""
+    fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z and dtype != torch.float64
     return pick_backend(backend, device, fits=fits, choices=BACKENDS)
 
 
@@ -112,7 +117,7 @@ def causal_product(
     (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``reference`` (naive O(N²)).
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v))
+    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v), q.dtype)
     if resolved == "reference":
         return causal_product_reference(q, k, v)
     if resolved == "triton" and q.dtype == torch.float64:
@@ -194,7 +199,7 @@ def causal_linear(
     Returns float32 (float64 for float64 inputs); see ``causal_product`` for ``backend``.
     """
     _check_shapes(q, k, v, chunk_size)
-    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v))
+    resolved = resolve_backend(backend, q.device, *_launch_shape(q, v), q.dtype)
     if resolved == "reference":
         return causal_linear_reference(q, k, v, eps)
     if resolved == "triton" and q.dtype == torch.float64:
