@@ -1,6 +1,8 @@
-"""The Triton launchers as ``torch.library`` custom ops, so that ``torch.compile`` traces
-through the Triton path: no graph break, ``fullgraph=True`` and CUDA graphs
-(``mode="reduce-overhead"``) work, with output shapes from the ops' fake implementations.
+"""The Triton causal launchers behind one entry per direction: the schedule (``parallel``:
+``triton.py``, ``sequential``: ``triton_sequential.py``) is picked here, and the launchers are
+``torch.library`` custom ops so that ``torch.compile`` traces through the Triton path: no
+graph break, ``fullgraph=True`` and CUDA graphs (``mode="reduce-overhead"``) work, with output
+shapes from the ops' fake implementations.
 
 Eager calls skip the ops and run the launchers directly: a custom op's dispatch costs ~10 µs
 per call, and a training step at a few thousand tokens is bound by launch time on the host.

@@ -203,7 +203,8 @@ def causal_linear_forward_sequential(
     out_dtype: torch.dtype,
     precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized causal linear attention, one program per batch·head: ``(out, den + eps)``."""
+    """Normalized causal linear attention, one program per batch·head: ``(out, den + eps)``.
+    ``chunk_size`` is not used: the register budget sets the chunk (``sequential_meta``)."""
     check_sequential(q, v)
     plan = _Plan(q, v, chunk_size, precision, True, feature_map=feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
