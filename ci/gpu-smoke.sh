@@ -65,6 +65,24 @@ from torch.profiler import ProfilerActivity, profile
 from verger.core.bench import compare
 from verger.fast_attention import linear_attention
 from verger.fast_attention.ops.causal_linear import causal_linear, causal_linear_fused
+import time, triton, triton.language as tl
+
+@triton.jit
+def _touch(x_ptr, n, BLOCK: tl.constexpr):  # a near-empty kernel: host cost per launch
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+x = torch.zeros(1024, device="cuda")
+for name, launch in (("triton", lambda: _touch[(1,)](x, 1024, BLOCK=1024)), ("torch", lambda: x.add_(1))):
+    for _ in range(50):
+        launch()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(2000):
+        launch()
+    host = (time.perf_counter() - t) / 2000 * 1e6
+    torch.cuda.synchronize()
+    print(f"host time per launch, {name}: {host:.1f} us", flush=True)
 for n in (8192, 32768):
     q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
     fused = lambda: linear_attention(q, k, v, causal=True).sum().backward()
