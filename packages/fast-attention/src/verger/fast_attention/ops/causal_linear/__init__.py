@@ -35,7 +35,6 @@ from verger.fast_attention.ops.causal_linear.triton import (
     MAX_HEAD_DIM,
     causal_product_triton,
 )
-from verger.fast_attention.ops.causal_linear.triton_sequential import check_sequential
 
 __all__ = [
     "BACKENDS",
@@ -237,7 +236,5 @@ def causal_linear_fused(
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-    if schedule == "sequential":
-        check_sequential(q, v)
     size = chunk_size or 64
     return _CausalLinear.apply(q, k, v, float(eps), "triton", size, feature_map, schedule)

@@ -27,50 +27,6 @@ SCHEDULES = ("parallel", "sequential")  # triton.py / triton_sequential.py
 _NONE = ""  # custom op schemas take no Optional[str] here: "" stands for "no fused feature map"
 
 
-def _forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    eps: float,
-    normalize: bool,
-    chunk_size: int,
-    feature_map: str | None,
-    out_dtype: torch.dtype,
-    schedule: str,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if schedule == "sequential" and normalize:
-        return causal_linear_forward_sequential(
-            q, k, v, eps=eps, chunk_size=chunk_size, feature_map=feature_map, out_dtype=out_dtype
-        )
-    return causal_linear_forward_triton(
-        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size, feature_map=feature_map,
-        out_dtype=out_dtype,
-    )  # fmt: skip
-
-
-def _backward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor | None,
-    d: torch.Tensor | None,
-    grad_out: torch.Tensor,
-    chunk_size: int,
-    feature_map: str | None,
-    grad_dtype: torch.dtype,
-    schedule: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if schedule == "sequential" and out is not None and d is not None:
-        return causal_linear_backward_sequential(
-            q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
-            grad_dtype=grad_dtype,
-        )  # fmt: skip
-    return causal_linear_backward_triton(
-        q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
-        grad_dtype=grad_dtype,
-    )  # fmt: skip
-
-
 @torch.library.custom_op("verger_fast_attention::causal_linear_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
@@ -83,7 +39,10 @@ def _forward_op(
     out_dtype: torch.dtype,
     schedule: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, d = _forward(q, k, v, eps, normalize, chunk_size, feature_map or None, out_dtype, schedule)
+    out, d = triton_forward(  # runs the launchers: the op's body is never traced
+        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size,
+        feature_map=feature_map or None, out_dtype=out_dtype, schedule=schedule,
+    )  # fmt: skip
     return out, d if d is not None else q.new_empty(0, dtype=torch.float32)
 
 
@@ -107,9 +66,10 @@ def _backward_op(
     grad_dtype: torch.dtype,
     schedule: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(
-        q, k, v, out if normalize else None, d if normalize else None, grad_out, chunk_size,
-        feature_map or None, grad_dtype, schedule,
+    return triton_backward(
+        q, k, v, out if normalize else None, d if normalize else None, grad_out,
+        chunk_size=chunk_size, feature_map=feature_map or None, grad_dtype=grad_dtype,
+        schedule=schedule,
     )  # fmt: skip
 
 
@@ -132,12 +92,19 @@ def triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton forward of ``schedule`` (the sequential one is normalized only), through
     its custom op while compiling."""
-    if not torch.compiler.is_compiling():
-        return _forward(q, k, v, eps, normalize, chunk_size, feature_map, out_dtype, schedule)
-    out, d = _forward_op(
-        q, k, v, eps, normalize, chunk_size, feature_map or _NONE, out_dtype, schedule
-    )
-    return out, d if normalize else None
+    if torch.compiler.is_compiling():
+        out, d = _forward_op(
+            q, k, v, eps, normalize, chunk_size, feature_map or _NONE, out_dtype, schedule
+        )
+        return out, d if normalize else None
+    if schedule == "sequential" and normalize:
+        return causal_linear_forward_sequential(
+            q, k, v, eps=eps, chunk_size=chunk_size, feature_map=feature_map, out_dtype=out_dtype
+        )
+    return causal_linear_forward_triton(
+        q, k, v, eps=eps, normalize=normalize, chunk_size=chunk_size, feature_map=feature_map,
+        out_dtype=out_dtype,
+    )  # fmt: skip
 
 
 def triton_backward(
@@ -154,11 +121,18 @@ def triton_backward(
     schedule: str = "parallel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton backward of ``schedule``, through its custom op while compiling."""
-    if not torch.compiler.is_compiling():
-        return _backward(q, k, v, out, d, grad_out, chunk_size, feature_map, grad_dtype, schedule)
-    normalize = d is not None
-    empty = q.new_empty(0)
-    return _backward_op(
-        q, k, v, out if out is not None else empty, d if d is not None else empty, grad_out,
-        normalize, chunk_size, feature_map or _NONE, grad_dtype, schedule,
+    if torch.compiler.is_compiling():
+        empty = q.new_empty(0)
+        return _backward_op(
+            q, k, v, out if out is not None else empty, d if d is not None else empty, grad_out,
+            d is not None, chunk_size, feature_map or _NONE, grad_dtype, schedule,
+        )  # fmt: skip
+    if schedule == "sequential" and out is not None and d is not None:
+        return causal_linear_backward_sequential(
+            q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
+            grad_dtype=grad_dtype,
+        )  # fmt: skip
+    return causal_linear_backward_triton(
+        q, k, v, out, d, grad_out, chunk_size=chunk_size, feature_map=feature_map,
+        grad_dtype=grad_dtype,
     )  # fmt: skip

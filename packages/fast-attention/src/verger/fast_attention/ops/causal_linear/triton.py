@@ -59,11 +59,26 @@ DEFAULT_CHUNK = 64
 if HAS_TRITON:
 
     @triton.jit
+    def _rows_mask(n, width, rows, cols):
+        """Which entries of a (rows, cols) tile lie inside an (n, width) tensor."""
+        return (rows < n)[:, None] & (cols < width)[None, :]
+
+    @triton.jit
     def _rows_tile(ptr, bh, n, width, rows, cols):
         """The (rows, cols) tile of a (batch·head, n, width) tensor, zero outside it."""
-        mask = (rows < n)[:, None] & (cols < width)[None, :]
         return tl.load(
-            ptr + bh * n * width + rows[:, None] * width + cols[None, :], mask=mask, other=0.0
+            ptr + bh * n * width + rows[:, None] * width + cols[None, :],
+            mask=_rows_mask(n, width, rows, cols),
+            other=0.0,
+        )
+
+    @triton.jit
+    def _rows_store(ptr, bh, n, width, rows, cols, value):
+        """Store a (rows, cols) tile into a (batch·head, n, width) tensor, inside it only."""
+        tl.store(
+            ptr + bh * n * width + rows[:, None] * width + cols[None, :],
+            value,
+            mask=_rows_mask(n, width, rows, cols),
         )
 
     @triton.jit
@@ -82,8 +97,8 @@ if HAS_TRITON:
         ``FEATURE`` (formed in fp32, rounded to the input's dtype); zero outside the tensor."""
         x = _rows_tile(ptr, bh, n, width, rows, cols)
         if FEATURE:
-            mask = (rows < n)[:, None] & (cols < width)[None, :]
-            x = tl.where(mask, _elu_plus_one(x.to(tl.float32)), 0.0).to(x.dtype)
+            inside = _rows_mask(n, width, rows, cols)
+            x = tl.where(inside, _elu_plus_one(x.to(tl.float32)), 0.0).to(x.dtype)
         return x
 
     @triton.jit

@@ -37,14 +37,9 @@ if HAS_TRITON:
     from verger.fast_attention.ops.causal_linear.triton import (
         _elu_slope,
         _feature_tile,
+        _rows_store,
         _rows_tile,
     )
-
-    @triton.jit
-    def _rows_store(ptr, bh, n, width, rows, cols, value):
-        """Store a (rows, cols) tile into a (batch·head, n, width) tensor, inside it only."""
-        mask = (rows < n)[:, None] & (cols < width)[None, :]
-        tl.store(ptr + bh * n * width + rows[:, None] * width + cols[None, :], value, mask=mask)
 
     @triton.jit
     def _program(BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
