@@ -157,6 +157,39 @@ def test_triton_forward_backward_ragged_and_wide(form, shape, chunk):
         assert_close(a, w.float(), rtol=1e-5, name=f"d{name}")
 
 
+class _Recorded:
+    """A Triton kernel whose launches are appended to ``log`` by name."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append(self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@needs_triton
+def test_triton_training_step_is_six_launches(monkeypatch):
+    # At a few thousand tokens a GPU training step is bound by the host's launch time: the
+    # fused parallel path is 3 launches forward and 3 backward, and a new one shows up here.
+    from verger.fast_attention.ops.causal_linear import triton as kernels
+
+    log: list[str] = []
+    for name in [name for name in vars(kernels) if name.endswith("_kernel")]:
+        monkeypatch.setattr(kernels, name, _Recorded(getattr(kernels, name), name, log))
+    q, k, v = (t.sub(0.5).requires_grad_() for t in _features(1, 2, 100, 16))
+    out = causal_linear_fused(q, k, v)
+    assert log == ["_chunk_states_kernel", "_exclusive_scan_kernel", "_forward_kernel"]
+    out.backward(torch.randn_like(out))
+    assert log[3:] == ["_backward_states_kernel", "_exclusive_scan_kernel", "_grads_kernel"]
+    assert_close(out, _elu_reference(q, k, v), rtol=1e-5)
+
+
 @needs_triton
 def test_triton_fp16_long_sequence_gradients_survive_the_cancellation():
     # The inter-chunk terms of dq and dk grow with N and cancel to ~sqrt(N): the kernels must

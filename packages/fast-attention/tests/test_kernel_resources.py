@@ -35,45 +35,42 @@ def _configs(
     t, f = f"*{dtype}", "*fp32"
     o = t if fused else f
     signatures = {
-        "states": {"b_ptr": t, "c_ptr": t, "d_ptr": f, "w_ptr": f, "states_ptr": f, **SIZES},
+        "states": {"k_ptr": t, "v_ptr": t, "states_ptr": f, **SIZES},
         "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "states_ptr": f, "out_ptr": o,
                     "d_ptr": f, **SIZES, "eps": "fp32"},
-        "dq": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
-               "states_ptr": f, "dq_ptr": o, **SIZES},
-        "dk": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
-               "states_ptr": f, "dk_ptr": o, **SIZES},
-        "dv": {"q_ptr": t, "k_ptr": t, "do_ptr": t, "d_ptr": f, "states_ptr": f, "dv_ptr": o,
-               **SIZES},
+        "backward_states": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "out_ptr": o,
+                            "d_ptr": f, "w_ptr": f, "states_ptr": f, "rev_ptr": f, **SIZES},
+        "grads": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
+                  "states_ptr": f, "rev_ptr": f, "dq_ptr": o, "dk_ptr": o, "dv_ptr": o,
+                  **SIZES},
     }  # fmt: skip
     fns = {
         "states": kernels._chunk_states_kernel,
         "forward": kernels._forward_kernel,
-        "dq": kernels._dq_kernel,
-        "dk": kernels._dk_kernel,
-        "dv": kernels._dv_kernel,
+        "backward_states": kernels._backward_states_kernel,
+        "grads": kernels._grads_kernel,
     }
     out = []
-    for name, grad in [("states", False), ("states", True), ("forward", False), ("dq", False),
-                       ("dk", False), ("dv", False)]:  # fmt: skip
-        meta = plan.meta(name, normalize=True, grad=grad)
+    for name, fn in fns.items():
+        meta = plan.meta(name, normalize=True)
         warps = meta.pop("num_warps")
-        label = f"{name}{'-grad' if grad else ''}"
-        out.append((label, KernelConfig(fns[name], signatures[name], meta, num_warps=warps)))
-    scan = plan.meta("scan", normalize=True, reverse=True)
+        out.append((name, KernelConfig(fn, signatures[name], meta, num_warps=warps)))
+    scan = plan.meta("scan", normalize=True)
     out.append(
         ("scan", KernelConfig(kernels._exclusive_scan_kernel,
-                              {"states_ptr": f, "n_chunks": "i32", "e_size": "i32"}, scan))
+                              {"states_ptr": f, "rev_ptr": f, "n_chunks": "i32", "e_size": "i32"},
+                              scan))
     )  # fmt: skip
     return out
 
 
 # (arch, dtype, head dim, fused elu+1, spill bytes allowed): none at the common head dims; a
-# little where the 3xTF32 state products fill the register file (sm_90 at head dim 128, fp32
-# on sm_80).
+# little where the 3xTF32 state products fill the register file (sm_90 at head dim 128, where
+# the one gradient launch holds the dq, dk and dv branches: ~150 bytes; fp32 on sm_80).
 CASES = [(90, "fp16", 64, False, 0), (90, "bf16", 64, False, 0), (90, "fp32", 64, False, 0),
-         (90, "fp16", 256, False, 0), (90, "fp16", 128, False, 128), (80, "fp16", 64, False, 0),
+         (90, "fp16", 256, False, 0), (90, "fp16", 128, False, 160), (80, "fp16", 64, False, 0),
          (80, "fp32", 64, False, 64), (80, "fp16", 128, False, 0), (90, "fp16", 64, True, 0),
-         (90, "bf16", 64, True, 0), (90, "fp32", 64, True, 0), (90, "fp16", 128, True, 128),
+         (90, "bf16", 64, True, 0), (90, "fp32", 64, True, 0), (90, "fp16", 128, True, 160),
          (80, "fp16", 64, True, 0)]  # fmt: skip
 
 
@@ -100,7 +97,7 @@ def test_shipped_kernels_do_not_spill_and_use_tensor_cores(
         if (a, dt, dim, fu) != (arch, dtype, head_dim, fused):
             continue
         spilled = max(res.spill_store_bytes, res.spill_load_bytes)
-        limit = 0 if label.startswith(("states", "scan")) else allowed
+        limit = 0 if label in ("states", "backward_states", "scan") else allowed
         assert spilled <= limit, f"{label} sm_{arch} {dtype} D={head_dim} {fused=}: {res}"
         if label != "scan":
             assert res.tensor_core_instructions > 0, f"{label} runs its dots on FMA units: {res}"

@@ -224,7 +224,7 @@ def causal_linear_fused(
     elementwise launches per training step; the output and gradients keep the inputs' dtypes
     (fp32 accumulation). Triton only: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
 
-    ``schedule``: ``parallel`` (chunk-parallel kernels, any batch; 11 launches per training
+    ``schedule``: ``parallel`` (chunk-parallel kernels, any batch; 6 launches per training
     step) or ``sequential`` (one program per batch·head looping over the chunks; 3 launches,
     for short sequences and small batches where the step is bound by launch time; head dims
     <= 64, sm_90 GPUs).

@@ -17,9 +17,12 @@ Backward, with ``d = den + eps`` and ``w_i = do_i · out_i``: ``g = do / d`` and
     dq_i = (Σ_{j≤i} (do_i·v_j − w_i) k_j) / d_i                (intra-chunk + S_c, z_c)
     dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i,   dv_j = Σ_{i≥j} (q_i·k_j) g_i   (intra + later chunks)
 
-so the backward is the same state/scan pair run forward (``S_c, z_c`` recomputed, not saved)
-and in reverse (``Σ q gᵀ``, ``Σ r q`` over later chunks), then ``_dq_kernel``, ``_dk_kernel``
-and ``_dv_kernel``. The inter-chunk terms of dq and dk are two sums growing with N that cancel
+so the backward is three launches: ``_backward_states_kernel`` forms every chunk's local
+forward state (recomputed, not saved) and local reversed state ``[Q_cᵀ G_c, Σ r q]`` (with
+``G = do / d``) plus ``w``, side by side; one ``_exclusive_scan_kernel`` launch turns them into
+prefix and suffix sums; ``_grads_kernel`` forms dq, dk and dv, a key or value block per program.
+A training step is 6 launches: at a few thousand tokens the host's launch time, not the GPU,
+bounds it. The inter-chunk terms of dq and dk are two sums growing with N that cancel
 to ~√N, so they run on fp32 states with 3xTF32 dots; the intra-chunk terms are formed after
 the cancellation (``do·v − w``), so 16-bit operands are safe there.
 
@@ -35,6 +38,7 @@ FMA units, which spills registers at these tile sizes and is many times slower).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -108,6 +112,28 @@ if HAS_TRITON:
         return tl.load(base + offs_k[:, None] * dv + offs_v[None, :], mask=mask, other=0.0)
 
     @triton.jit
+    def _state_store(base, dk, dv, offs_k, offs_v, value):
+        """Store the (key block, value block) tile of one chunk's fp32 state ``S``."""
+        mask = (offs_k < dk)[:, None] & (offs_v < dv)[None, :]
+        tl.store(base + offs_k[:, None] * dv + offs_v[None, :], value, mask=mask)
+
+    @triton.jit
+    def _feature_tile_t(ptr, bh, n, width, rows, cols, FEATURE: tl.constexpr):
+        """``_feature_tile`` loaded transposed: a (cols, rows) tile, e.g. K_cᵀ for ``Kᵀ V``."""
+        mask = (cols < width)[:, None] & (rows < n)[None, :]
+        x = tl.load(
+            ptr + bh * n * width + rows[None, :] * width + cols[:, None], mask=mask, other=0.0
+        )
+        if FEATURE:
+            x = tl.where(mask, _elu_plus_one(x.to(tl.float32)), 0.0).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _chunk_base(states_ptr, bh, n_chunks, e_size):
+        """Where this program's chunk state starts in a (batch·head, chunks, E) buffer."""
+        return states_ptr + (bh * n_chunks + tl.program_id(0)) * e_size
+
+    @triton.jit
     def _chunk_program(states_ptr, n, n_chunks, e_size, BT: tl.constexpr):
         """This program's chunk, head-dim block, batch·head, rows and chunk-state base."""
         chunk = tl.program_id(0)  # axis 0: up to 2**31 - 1 programs (long sequences)
@@ -115,8 +141,7 @@ if HAS_TRITON:
         bh = tl.program_id(2).to(tl.int64)
         offs_t = tl.arange(0, BT)
         rows = chunk * BT + offs_t
-        base = states_ptr + (bh * n_chunks + chunk) * e_size
-        return block, bh, offs_t, rows, rows < n, base
+        return block, bh, offs_t, rows, rows < n, _chunk_base(states_ptr, bh, n_chunks, e_size)
 
     @triton.jit
     def _over_keys(
@@ -164,11 +189,59 @@ if HAS_TRITON:
         return pairs, inter
 
     @triton.jit
+    def _forward_state_tile(
+        k_ptr, v_ptr, base, bh, n, dk, dv, rows, kb, vb,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, WITH_Z: tl.constexpr,
+        PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+    ):  # fmt: skip
+        """One (key block, value block) tile of a chunk's local state ``[K_cᵀ V_c, Σ_t k_t]``
+        (z by the first value block); k mapped by φ = elu + 1 on load when ``FEATURE``."""
+        offs_k = kb * BK + tl.arange(0, BK)
+        offs_v = vb * BV + tl.arange(0, BV)
+        kt = _feature_tile_t(k_ptr, bh, n, dk, rows, offs_k, FEATURE)
+        v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
+        _state_store(base, dk, dv, offs_k, offs_v, tl.dot(kt, v, input_precision=PRECISION))
+        if WITH_Z:
+            z = tl.sum(kt.to(tl.float32), axis=1)
+            tl.store(base + dk * dv + offs_k, z, mask=(offs_k < dk) & (vb == 0))
+
+    @triton.jit
+    def _reverse_state_tile(
+        q_ptr, do_ptr, out_ptr, d_ptr, w_ptr, base, bh, n, dk, dv, rows, mask_t, kb, vb,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, V_BLOCKS: tl.constexpr,
+        NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+        FEATURE: tl.constexpr,
+    ):  # fmt: skip
+        """One tile of a chunk's local reversed state ``[Q_cᵀ G_c, Σ_t r_t q_t]`` with
+        ``G = dO / d`` and ``r = −w / d`` (unnormalized: ``[Q_cᵀ dO_c]``). The first value
+        block also forms ``w = do · out`` for the chunk's rows (stored by the first key block
+        for the gradient kernels) and the ``Σ r q`` part."""
+        offs_k = kb * BK + tl.arange(0, BK)
+        offs_v = vb * BV + tl.arange(0, BV)
+        qt = _feature_tile_t(q_ptr, bh, n, dk, rows, offs_k, FEATURE)
+        do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
+        if NORMALIZE:
+            # fp32 operands: G = dO / d is tiny at long lengths, and these sums cancel later
+            d = tl.load(d_ptr + bh * n + rows, mask=mask_t, other=1.0)
+            qt = qt.to(tl.float32)
+            h = tl.dot(qt, do.to(tl.float32) / d[:, None], input_precision=STATE_PRECISION)
+            _state_store(base, dk, dv, offs_k, offs_v, h)
+            if vb == 0:
+                w = tl.zeros([BT], dtype=tl.float32)
+                for b in tl.static_range(V_BLOCKS):
+                    offs = b * BV + tl.arange(0, BV)
+                    do_b = _rows_tile(do_ptr, bh, n, dv, rows, offs).to(tl.float32)
+                    w += tl.sum(do_b * _rows_tile(out_ptr, bh, n, dv, rows, offs), axis=1)
+                tl.store(w_ptr + bh * n + rows, w, mask=mask_t & (kb == 0))
+                rz = tl.sum(qt * (-w / d)[None, :], axis=1)
+                tl.store(base + dk * dv + offs_k, rz, mask=offs_k < dk)
+        else:
+            _state_store(base, dk, dv, offs_k, offs_v, tl.dot(qt, do, input_precision=PRECISION))
+
+    @triton.jit
     def _chunk_states_kernel(
-        b_ptr,
-        c_ptr,
-        d_ptr,
-        w_ptr,
+        k_ptr,
+        v_ptr,
         states_ptr,
         n,
         dk,
@@ -178,69 +251,49 @@ if HAS_TRITON:
         BT: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
+        V_BLOCKS: tl.constexpr,
         WITH_Z: tl.constexpr,
-        GRAD: tl.constexpr,
         PRECISION: tl.constexpr,
         FEATURE: tl.constexpr,
     ):
-        """states[c] = [B_cᵀ C_c, Σ_t B_t] (forward) or [B_cᵀ (C_c / d), −Σ_t (w_t / d_t) B_t]
-        (backward, ``GRAD``), for one (key block, value block) of one chunk; B is mapped by
-        φ = elu + 1 on load when ``FEATURE``."""
-        pid_kv, bh, _, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
-        n_vblocks = tl.cdiv(dv, BV)
-        kb = pid_kv // n_vblocks
-        vb = pid_kv % n_vblocks
-        offs_k = kb * BK + tl.arange(0, BK)
-        offs_v = vb * BV + tl.arange(0, BV)
-        mask_k = offs_k < dk
-        mask_v = offs_v < dv
-        mask_b = mask_k[:, None] & mask_t[None, :]
-        bt = tl.load(  # B_cᵀ as a (BK, BT) tile
-            b_ptr + bh * n * dk + rows[None, :] * dk + offs_k[:, None], mask=mask_b, other=0.0
-        )
-        if FEATURE:
-            bt = tl.where(mask_b, _elu_plus_one(bt.to(tl.float32)), 0.0).to(bt.dtype)
-        c = tl.load(
-            c_ptr + bh * n * dv + rows[:, None] * dv + offs_v[None, :],
-            mask=mask_t[:, None] & mask_v[None, :],
-            other=0.0,
-        )
-        if GRAD:
-            d = tl.load(d_ptr + bh * n + rows, mask=mask_t, other=1.0)
-            bt = bt.to(tl.float32)
-            h = tl.dot(bt, c.to(tl.float32) / d[:, None], input_precision=PRECISION)
-        else:
-            h = tl.dot(bt, c, input_precision=PRECISION)
-        tl.store(
-            base + offs_k[:, None] * dv + offs_v[None, :], h, mask=mask_k[:, None] & mask_v[None, :]
-        )
-        if WITH_Z:
-            if GRAD:
-                r = -tl.load(w_ptr + bh * n + rows, mask=mask_t, other=0.0) / d
-                z = tl.sum(bt * r[None, :], axis=1)
-            else:
-                z = tl.sum(bt.to(tl.float32), axis=1)
-            tl.store(base + dk * dv + offs_k, z, mask=mask_k & (vb == 0))
+        """states[c] = [K_cᵀ V_c, Σ_t k_t]: one program per (key block, value block, chunk)."""
+        pid, bh, _, rows, _, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
+        _forward_state_tile(
+            k_ptr, v_ptr, base, bh, n, dk, dv, rows, pid // V_BLOCKS, pid % V_BLOCKS,
+            BT, BK, BV, WITH_Z, PRECISION, FEATURE,
+        )  # fmt: skip
 
     @triton.jit
-    def _exclusive_scan_kernel(
-        states_ptr,
-        n_chunks,
-        e_size,
-        BC: tl.constexpr,
-        BE: tl.constexpr,
-        REVERSE: tl.constexpr,
-    ):
-        """In place: states[c] ← Σ of the states strictly before c (after c if ``REVERSE``).
+    def _backward_states_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, d_ptr, w_ptr, states_ptr, rev_ptr,
+        n, dk, dv, n_chunks, e_size,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
+        V_BLOCKS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+        STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+    ):  # fmt: skip
+        """Both local states of the backward in one launch: the first ``K_BLOCKS·V_BLOCKS``
+        programs of a chunk recompute the forward's ``[K_cᵀ V_c, Σ k]`` (``states``), as
+        many more form the reversed ``[Q_cᵀ G_c, Σ r q]`` (``rev``) and ``w``."""
+        pid, bh, _, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
+        if pid < K_BLOCKS * V_BLOCKS:
+            _forward_state_tile(
+                k_ptr, v_ptr, base, bh, n, dk, dv, rows, pid // V_BLOCKS, pid % V_BLOCKS,
+                BT, BK, BV, NORMALIZE, PRECISION, FEATURE,
+            )  # fmt: skip
+        else:
+            tile = pid - K_BLOCKS * V_BLOCKS
+            _reverse_state_tile(
+                q_ptr, do_ptr, out_ptr, d_ptr, w_ptr, _chunk_base(rev_ptr, bh, n_chunks, e_size),
+                bh, n, dk, dv, rows, mask_t, tile // V_BLOCKS, tile % V_BLOCKS,
+                BT, BK, BV, V_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION, FEATURE,
+            )  # fmt: skip
 
-        Tiles of ``BC`` chunks are loaded at once and scanned with ``tl.cumsum``, so the serial
-        chain is N / (T·BC) dependent steps, not one per chunk.
-        """
-        offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
-        bh = tl.program_id(1).to(tl.int64)
+    @triton.jit
+    def _scan_chunks(base, n_chunks, e_size, offs_e, BC: tl.constexpr, REVERSE: tl.constexpr):
+        """In place over one (batch·head, state slice): each chunk ← Σ of the chunks strictly
+        before it (after it if ``REVERSE``), ``BC`` chunks per ``tl.cumsum`` step."""
         mask_e = offs_e < e_size
-        base = states_ptr + bh * n_chunks * e_size
-        running = tl.zeros([BE], dtype=tl.float32)
+        running = tl.zeros(offs_e.shape, dtype=tl.float32)
         n_tiles = tl.cdiv(n_chunks, BC)
         for t in range(0, n_tiles):
             tile = n_tiles - 1 - t if REVERSE else t
@@ -251,6 +304,20 @@ if HAS_TRITON:
             inclusive = tl.cumsum(x, axis=0, reverse=REVERSE)
             tl.store(ptrs, running[None, :] + (inclusive - x), mask=mask)
             running += tl.sum(x, axis=0)
+
+    @triton.jit
+    def _exclusive_scan_kernel(
+        states_ptr, rev_ptr, n_chunks, e_size, BC: tl.constexpr, BE: tl.constexpr
+    ):
+        """Exclusive sums over the chunks, in place: grid axis 2 picks the prefix sums of
+        ``states`` (0) or the suffix sums of ``rev`` (1), so both scans of the backward share
+        a launch. The serial chain is N / (T·BC) dependent steps, not one per chunk."""
+        offs_e = tl.program_id(0) * BE + tl.arange(0, BE)
+        offset = tl.program_id(1).to(tl.int64) * n_chunks * e_size
+        if tl.program_id(2) == 0:
+            _scan_chunks(states_ptr + offset, n_chunks, e_size, offs_e, BC, False)
+        else:
+            _scan_chunks(rev_ptr + offset, n_chunks, e_size, offs_e, BC, True)
 
     @triton.jit
     def _forward_kernel(
@@ -298,36 +365,19 @@ if HAS_TRITON:
         tl.store(out_ptr + bh * n * dv + rows[:, None] * dv + offs_v[None, :], out, mask=mv)
 
     @triton.jit
-    def _dq_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        do_ptr,
-        d_ptr,
-        w_ptr,
-        states_ptr,
-        dq_ptr,
-        n,
-        dk,
-        dv,
-        n_chunks,
-        e_size,
-        BT: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        V_BLOCKS: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        PRECISION: tl.constexpr,
-        STATE_PRECISION: tl.constexpr,
+    def _dq_block(
+        q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, base, dq_ptr, pid_k, bh, offs_t, rows, mask_t,
+        n, dk, dv,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, V_BLOCKS: tl.constexpr,
+        NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
         FEATURE: tl.constexpr,
-    ):
+    ):  # fmt: skip
         """dq_i = (Σ_{j≤i, same chunk} (do_i·v_j − w_i) k_j + S_c do_i − w_i z_c) / d_i for one
-        key block; the value dimension is reduced in blocks of ``BV``. With ``FEATURE``, k is
-        mapped on load and dq is taken back through φ to the raw q (read only then)."""
-        pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
+        key block (``base``: the forward states); the value dimension is reduced in blocks of
+        ``BV``. With ``FEATURE``, k is mapped on load and dq is taken back through φ to the
+        raw q (read only then)."""
         offs_k = pid_k * BK + tl.arange(0, BK)
         mask_k = offs_k < dk
-        mk = mask_t[:, None] & mask_k[None, :]
         dov, inter = _over_values(
             do_ptr, v_ptr, base, bh, n, dk, dv, rows, offs_k,
             BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
@@ -338,7 +388,7 @@ if HAS_TRITON:
             w = tl.load(w_ptr + bh * n + rows, mask=mask_t, other=0.0)
             d = tl.load(d_ptr + bh * n + rows, mask=mask_t, other=1.0)
             z = tl.load(base + dk * dv + offs_k, mask=mask_k, other=0.0)
-            u = tl.where(keep, dov - w[:, None], 0.0)
+            u = tl.where(keep, dov - w[:, None], 0.0)  # formed after the cancellation
             dq = tl.dot(u.to(k.dtype), k, inter, input_precision=PRECISION)
             dq = (dq - w[:, None] * z[None, :]) / d[:, None]
         else:
@@ -346,40 +396,21 @@ if HAS_TRITON:
             dq = tl.dot(u.to(k.dtype), k, inter, input_precision=PRECISION)
         if FEATURE:
             dq *= _elu_slope(_rows_tile(q_ptr, bh, n, dk, rows, offs_k).to(tl.float32))
-        tl.store(dq_ptr + bh * n * dk + rows[:, None] * dk + offs_k[None, :], dq, mask=mk)
+        _rows_store(dq_ptr, bh, n, dk, rows, offs_k, dq)
 
     @triton.jit
-    def _dk_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        do_ptr,
-        d_ptr,
-        w_ptr,
-        states_ptr,
-        dk_ptr,
-        n,
-        dk,
-        dv,
-        n_chunks,
-        e_size,
-        BT: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        V_BLOCKS: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        PRECISION: tl.constexpr,
-        INTRA_PRECISION: tl.constexpr,
-        STATE_PRECISION: tl.constexpr,
-        FEATURE: tl.constexpr,
-    ):
+    def _dk_block(
+        q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, base, dk_ptr, pid_k, bh, offs_t, rows, mask_t,
+        n, dk, dv,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, V_BLOCKS: tl.constexpr,
+        NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, INTRA_PRECISION: tl.constexpr,
+        STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+    ):  # fmt: skip
         """dk_j = Σ_{i≥j} (g_i·v_j + r_i) q_i for one key block: the intra-chunk part plus the
-        reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks. With ``FEATURE``, q is mapped
-        on load and dk is taken back through φ to the raw k (read only then)."""
-        pid_k, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
+        reversed states ``[Σ q gᵀ, Σ r q]`` of the later chunks (at ``base``). With
+        ``FEATURE``, q is mapped on load and dk is taken back through φ to the raw k."""
         offs_k = pid_k * BK + tl.arange(0, BK)
         mask_k = offs_k < dk
-        mk = mask_t[:, None] & mask_k[None, :]
         vdo, grad = _over_values(
             v_ptr, do_ptr, base, bh, n, dk, dv, rows, offs_k,
             BT, BK, BV, V_BLOCKS, PRECISION, STATE_PRECISION,
@@ -399,35 +430,17 @@ if HAS_TRITON:
             grad = tl.dot(dscores_t.to(q.dtype), q, grad, input_precision=PRECISION)
         if FEATURE:
             grad *= _elu_slope(_rows_tile(k_ptr, bh, n, dk, rows, offs_k).to(tl.float32))
-        tl.store(dk_ptr + bh * n * dk + rows[:, None] * dk + offs_k[None, :], grad, mask=mk)
+        _rows_store(dk_ptr, bh, n, dk, rows, offs_k, grad)
 
     @triton.jit
-    def _dv_kernel(
-        q_ptr,
-        k_ptr,
-        do_ptr,
-        d_ptr,
-        states_ptr,
-        dv_ptr,
-        n,
-        dk,
-        dv,
-        n_chunks,
-        e_size,
-        BT: tl.constexpr,
-        BK: tl.constexpr,
-        BV: tl.constexpr,
-        K_BLOCKS: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-        PRECISION: tl.constexpr,
-        INTRA_PRECISION: tl.constexpr,
-        STATE_PRECISION: tl.constexpr,
-        FEATURE: tl.constexpr,
-    ):
+    def _dv_block(
+        q_ptr, k_ptr, do_ptr, d_ptr, base, dv_ptr, pid_v, bh, offs_t, rows, mask_t, n, dk, dv,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
+        NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, INTRA_PRECISION: tl.constexpr,
+        STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+    ):  # fmt: skip
         """dv_j = Σ_{i≥j} (q_i·k_j) g_i for one value block: intra-chunk + later chunks."""
-        pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
-        mv = mask_t[:, None] & (offs_v < dv)[None, :]
         scores_t, grad, _ = _over_keys(
             k_ptr, q_ptr, base, bh, n, dk, dv, rows, offs_v,
             BT, BK, BV, K_BLOCKS, False, PRECISION, STATE_PRECISION, FEATURE,
@@ -440,26 +453,52 @@ if HAS_TRITON:
             grad = tl.dot(scores_t, g, grad, input_precision=INTRA_PRECISION)
         else:
             grad = tl.dot(scores_t.to(do.dtype), do, grad, input_precision=PRECISION)
-        tl.store(dv_ptr + bh * n * dv + rows[:, None] * dv + offs_v[None, :], grad, mask=mv)
+        _rows_store(dv_ptr, bh, n, dv, rows, offs_v, grad)
 
     @triton.jit
-    def _row_dot_kernel(x_ptr, y_ptr, out_ptr, n_rows, dv, BR: tl.constexpr, BV: tl.constexpr):
-        """out[r] = x[r] · y[r] in fp32 (the ``do · out`` of the normalizer gradient)."""
-        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-        cols = tl.arange(0, BV)
-        mask = (rows < n_rows)[:, None] & (cols < dv)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0)
-        y = tl.load(y_ptr + rows[:, None] * dv + cols[None, :], mask=mask, other=0.0)
-        tl.store(
-            out_ptr + rows, tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1), mask=rows < n_rows
-        )
+    def _grads_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, states_ptr, rev_ptr, dq_ptr, dk_ptr, dv_ptr,
+        n, dk, dv, n_chunks, e_size,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
+        V_BLOCKS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+        INTRA_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+    ):  # fmt: skip
+        """dq, dk and dv in one launch, side by side per chunk: programs ``[0, K)`` take a key
+        block of dq (from the forward states), ``[K, 2K)`` a key block of dk and the rest a
+        value block of dv (from the reversed states); K = ``K_BLOCKS``."""
+        block, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
+        if block < K_BLOCKS:
+            _dq_block(
+                q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, base, dq_ptr, block, bh, offs_t, rows,
+                mask_t, n, dk, dv, BT, BK, BV, V_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION,
+                FEATURE,
+            )  # fmt: skip
+        else:
+            rev = _chunk_base(rev_ptr, bh, n_chunks, e_size)
+            if block < 2 * K_BLOCKS:
+                _dk_block(
+                    q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, rev, dk_ptr, block - K_BLOCKS, bh,
+                    offs_t, rows, mask_t, n, dk, dv, BT, BK, BV, V_BLOCKS, NORMALIZE, PRECISION,
+                    INTRA_PRECISION, STATE_PRECISION, FEATURE,
+                )  # fmt: skip
+            else:
+                _dv_block(
+                    q_ptr, k_ptr, do_ptr, d_ptr, rev, dv_ptr, block - 2 * K_BLOCKS, bh, offs_t,
+                    rows, mask_t, n, dk, dv, BT, BK, BV, K_BLOCKS, NORMALIZE, PRECISION,
+                    INTRA_PRECISION, STATE_PRECISION, FEATURE,
+                )  # fmt: skip
 
 
 def _device_arch(device: torch.device) -> int:
     """Compute capability as an int (90 for H100); 90 off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor
 
 
@@ -522,39 +561,39 @@ class _Plan:
         else:
             cap = 32 if widest <= 64 else 16
         self.bt = max(16, min(next_power_of_2(chunk_size), cap))
-        self.k_blocks = triton.cdiv(self.dk, self.bk)
-        self.v_blocks = triton.cdiv(self.dv, self.bv)
-        self.n_chunks = triton.cdiv(self.n, self.bt) if self.n else 0
+        self.k_blocks = _cdiv(self.dk, self.bk)
+        self.v_blocks = _cdiv(self.dv, self.bv)
+        self.n_chunks = _cdiv(self.n, self.bt)
         # Per chunk: [S (dk x dv), z (dk)]; the unnormalized product has no z.
         self.e_size = self.dk * self.dv + (self.dk if normalize else 0)
 
-    def meta(
-        self, kernel: str, *, normalize: bool, grad: bool = False, reverse: bool = False
-    ) -> dict[str, Any]:
+    def meta(self, kernel: str, *, normalize: bool) -> dict[str, Any]:
         """Compile-time arguments and ``num_warps`` of one kernel: the launches use these, and
         the resource tests compile exactly them (8 warps: 4 spill at 64 x 64 tiles)."""
         tiles = {"BT": self.bt, "BK": self.bk, "BV": self.bv}
-        dots = {"PRECISION": self.prec, "STATE_PRECISION": self.state_prec, "num_warps": 8}
+        blocks = {"K_BLOCKS": self.k_blocks, "V_BLOCKS": self.v_blocks}
+        dots = {"PRECISION": self.prec, "STATE_PRECISION": self.state_prec,
+                "FEATURE": self.feature, "num_warps": 8}  # fmt: skip
         if kernel == "states":
-            precision = self.state_prec if grad else self.prec
-            return {**tiles, "WITH_Z": normalize, "GRAD": grad, "PRECISION": precision,
-                    "FEATURE": self.feature, "num_warps": 8 if grad else 4}  # fmt: skip
+            return {**tiles, "V_BLOCKS": self.v_blocks, "WITH_Z": normalize,
+                    "PRECISION": self.prec, "FEATURE": self.feature, "num_warps": 4}  # fmt: skip
         if kernel == "scan":
-            return {"BC": 16, "BE": 128, "REVERSE": reverse}
-        dots["FEATURE"] = self.feature
+            return {"BC": 16, "BE": 128}
         if kernel == "forward":
             return {**tiles, "K_BLOCKS": self.k_blocks, "NORMALIZE": normalize, **dots}
-        if kernel == "dq":
-            return {**tiles, "V_BLOCKS": self.v_blocks, "NORMALIZE": normalize, **dots}
-        intra = {"INTRA_PRECISION": self.intra_prec, "NORMALIZE": normalize, **dots}
-        if kernel == "dk":
-            return {**tiles, "V_BLOCKS": self.v_blocks, **intra}
-        if kernel == "dv":
-            return {**tiles, "K_BLOCKS": self.k_blocks, **intra}
+        if kernel == "backward_states":
+            return {**tiles, **blocks, "NORMALIZE": normalize, **dots}
+        if kernel == "grads":
+            return {**tiles, **blocks, "NORMALIZE": normalize,
+                    "INTRA_PRECISION": self.intra_prec, **dots}  # fmt: skip
         raise ValueError(f"unknown kernel {kernel!r}")
 
     def flat(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return t.to(dtype or self.dtype).reshape(-1, self.n, t.shape[-1]).contiguous()
+        """``t`` as a contiguous (batch·head, n, ·) tensor in ``dtype`` (the plan's default)."""
+        dtype = dtype or self.dtype
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        return t.reshape(-1, self.n, t.shape[-1]).contiguous()
 
     def backward_buffers(
         self,
@@ -572,42 +611,64 @@ class _Plan:
         return inputs, (dq, torch.empty_like(dq), dv)
 
     def grid(self, kernel: str, bh: int) -> tuple[int, int, int]:
+        """(chunks, programs per chunk, batch·head) of a chunk-parallel kernel."""
+        tiles = self.k_blocks * self.v_blocks
         blocks = {
-            "states": self.k_blocks * self.v_blocks,
+            "states": tiles,
+            "backward_states": 2 * tiles,  # forward and reversed state tiles
             "forward": self.v_blocks,
-            "dv": self.v_blocks,
-            "dq": self.k_blocks,
-            "dk": self.k_blocks,
+            "grads": 2 * self.k_blocks + self.v_blocks,  # dq, dk, dv blocks
         }[kernel]
         return (self.n_chunks, blocks, bh)
 
-    def states(
-        self,
-        b: torch.Tensor,
-        c: torch.Tensor,
-        *,
-        normalize: bool,
-        reverse: bool = False,
-        d: torch.Tensor | None = None,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Exclusive prefix (suffix if ``reverse``) sums of the chunk states: (BH, chunks, E).
+    def empty_states(self, bh: int, device: torch.device) -> torch.Tensor:
+        """An uninitialized (batch·head, chunks, E) fp32 buffer of per-chunk states."""
+        return torch.empty(bh, self.n_chunks, self.e_size, device=device, dtype=torch.float32)
 
-        Forward: ``[Σ k vᵀ, Σ k]``; backward (``d`` given): ``[Σ q (do/d)ᵀ, −Σ (w/d) q]``.
-        """
-        bh = b.shape[0]
-        states = torch.empty(bh, self.n_chunks, self.e_size, device=b.device, dtype=torch.float32)
-        grad = d is not None
-        _chunk_states_kernel[self.grid("states", bh)](
-            b, c, d if grad else b, w if grad else b, states,
-            self.n, self.dk, self.dv, self.n_chunks, self.e_size,
-            **self.meta("states", normalize=normalize, grad=grad),
-        )  # fmt: skip
-        scan = self.meta("scan", normalize=normalize, reverse=reverse)
-        _exclusive_scan_kernel[(triton.cdiv(self.e_size, scan["BE"]), bh)](
-            states, self.n_chunks, self.e_size, **scan
+    def scan(self, states: torch.Tensor, rev: torch.Tensor | None = None) -> None:
+        """In place: each chunk's state in ``states`` becomes the sum over the chunks before
+        it and, in ``rev`` when given, over the chunks after it (one launch for both)."""
+        meta = self.meta("scan", normalize=True)
+        grid = (_cdiv(self.e_size, meta["BE"]), states.shape[0], 1 if rev is None else 2)
+        _exclusive_scan_kernel[grid](
+            states, states if rev is None else rev, self.n_chunks, self.e_size, **meta
         )
-        return states
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on the host (``triton.cdiv`` costs a few µs per call through its wrapper)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(
+    shape: tuple[int, ...],
+    dv: int,
+    dtype: torch.dtype,
+    chunk_size: int,
+    precision: str | None,
+    normalize: bool,
+    arch: int,
+    feature_map: str | None,
+) -> _Plan:
+    q = torch.empty(shape, dtype=dtype, device="meta")
+    v = torch.empty((*shape[:-1], dv), dtype=dtype, device="meta")
+    return _Plan(q, v, chunk_size, precision, normalize, arch=arch, feature_map=feature_map)
+
+
+def plan_for(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    precision: str | None,
+    normalize: bool = True,
+    feature_map: str | None = None,
+) -> _Plan:
+    """The ``_Plan`` of a call, built once per (shape, dtype, GPU, settings): the host work of
+    a training step at a few thousand tokens is what bounds its time."""
+    arch = _device_arch(q.device)
+    key = (tuple(q.shape), v.shape[-1], q.dtype, chunk_size, precision, normalize, arch)
+    return _cached_plan(*key, feature_map)
 
 
 def causal_linear_forward_triton(
@@ -627,15 +688,21 @@ def causal_linear_forward_triton(
     Returns ``(out, d)``: ``out`` (..., N, Dv) in ``out_dtype`` (fp32 accumulation whatever
     it is) and ``d = den + eps`` (..., N) float32 when ``normalize`` (``None`` otherwise),
     which the backward needs. ``feature_map="elu"``: q and k are raw inputs, mapped by
-    φ = elu + 1 inside the kernels (no feature tensors are formed).
+    φ = elu + 1 inside the kernels (no feature tensors are formed). Three launches: the
+    chunk-local states, their scan, the outputs.
     """
-    plan = _Plan(q, v, chunk_size, precision, normalize, feature_map=feature_map)
+    plan = plan_for(q, v, chunk_size, precision, normalize, feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
     bh = q3.shape[0]
     out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=out_dtype)
     d = torch.empty(bh, plan.n, device=q.device, dtype=torch.float32) if normalize else None
     if plan.n and bh:
-        states = plan.states(k3, v3, normalize=normalize)
+        states = plan.empty_states(bh, q.device)
+        _chunk_states_kernel[plan.grid("states", bh)](
+            k3, v3, states, plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size,
+            **plan.meta("states", normalize=normalize),
+        )  # fmt: skip
+        plan.scan(states)
         _forward_kernel[plan.grid("forward", bh)](
             q3, k3, v3, states, out, d if normalize else out,
             plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size, float(eps),
@@ -660,38 +727,34 @@ def causal_linear_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``causal_linear_forward_triton`` from its ``out`` and ``d``; both are
     ``None`` for the unnormalized product. Returns (dq, dk, dv) in ``grad_dtype``, with
-    respect to the raw q, k when ``feature_map`` is fused (as in the forward)."""
+    respect to the raw q, k when ``feature_map`` is fused (as in the forward).
+
+    Three launches: both chunk-local states (the forward's, recomputed rather than saved, and
+    the reversed ones) with ``w``, their two scans, then dq, dk and dv side by side.
+    """
     normalize = d is not None
     if normalize and out is None:
         raise ValueError("the normalized backward needs the forward's output")
-    plan = _Plan(q, v, chunk_size, precision, normalize, feature_map=feature_map)
+    plan = plan_for(q, v, chunk_size, precision, normalize, feature_map)
     (q3, k3, v3, do3), (dq, dk, dv) = plan.backward_buffers(q, k, v, grad_out, grad_dtype)
     bh = q3.shape[0]
     if plan.n and bh:
-        d3 = w3 = do3  # placeholders when unnormalized (never read)
+        out3 = d3 = w3 = do3  # placeholders when unnormalized (never read or written)
         if d is not None and out is not None:
+            out3 = plan.flat(out, out.dtype)
             d3 = d.reshape(bh, plan.n).contiguous()
-            w3 = torch.empty_like(d3)  # w = do · out, per position
-            rows = bh * plan.n
-            _row_dot_kernel[(triton.cdiv(rows, 16),)](
-                do3, plan.flat(out, out.dtype), w3, rows, plan.dv,
-                BR=16, BV=max(16, next_power_of_2(plan.dv)),
-            )  # fmt: skip
+            w3 = torch.empty_like(d3)  # w = do · out per position, formed with the states
         sizes = (plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size)
-        states = plan.states(k3, v3, normalize=normalize)
-        _dq_kernel[plan.grid("dq", bh)](
-            q3, k3, v3, do3, d3, w3, states, dq, *sizes, **plan.meta("dq", normalize=normalize)
-        )
-        states = plan.states(
-            q3, do3, normalize=normalize, reverse=True,
-            d=d3 if normalize else None, w=w3 if normalize else None,
+        states, rev = plan.empty_states(bh, q.device), plan.empty_states(bh, q.device)
+        _backward_states_kernel[plan.grid("backward_states", bh)](
+            q3, k3, v3, do3, out3, d3, w3, states, rev, *sizes,
+            **plan.meta("backward_states", normalize=normalize),
         )  # fmt: skip
-        _dk_kernel[plan.grid("dk", bh)](
-            q3, k3, v3, do3, d3, w3, states, dk, *sizes, **plan.meta("dk", normalize=normalize)
-        )
-        _dv_kernel[plan.grid("dv", bh)](
-            q3, k3, do3, d3, states, dv, *sizes, **plan.meta("dv", normalize=normalize)
-        )
+        plan.scan(states, rev)
+        _grads_kernel[plan.grid("grads", bh)](
+            q3, k3, v3, do3, d3, w3, states, rev, dq, dk, dv, *sizes,
+            **plan.meta("grads", normalize=normalize),
+        )  # fmt: skip
     shape = (*plan.batch, plan.n)
     return dq.view(*shape, plan.dk), dk.view(*shape, plan.dk), dv.view(*shape, plan.dv)
 

@@ -1,9 +1,10 @@
 """Causal linear attention as one loop over chunks per (batch·head): the sequential schedule.
 
-The chunk-parallel kernels (``triton.py``) fill the GPU at batch 1, but a training step is 11
+The chunk-parallel kernels (``triton.py``) fill the GPU at batch 1, but a training step is 6
 launches; with few tokens the step is bound by the host's launch time, not by the GPU (an H200
-step at 8k tokens, batch 1, 8 heads: 0.35 ms of kernels in 1.38 ms). Here each program carries
-its running state in registers through the chunks, so a step is 3 launches:
+step at 8k tokens, batch 1, 8 heads, when it was 11 launches: 0.35 ms of kernels in 1.38 ms).
+Here each program carries its running state in registers through the chunks, so a step is 3
+launches:
 
 - forward: per chunk, ``out = (tril(Q Kᵀ) V + Q S) / d`` with ``d = rowsum(tril(Q Kᵀ)) + Q z +
   eps``, then ``S += Kᵀ V``, ``z += Σ k``;
@@ -26,7 +27,12 @@ from typing import Any
 
 import torch
 
-from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON, _device_arch, _Plan
+from verger.fast_attention.ops.causal_linear.triton import (
+    HAS_TRITON,
+    _device_arch,
+    _Plan,
+    plan_for,
+)
 
 MAX_SEQUENTIAL_DIM = 64  # S (dk x dv, fp32) stays in registers
 
@@ -201,7 +207,7 @@ def causal_linear_forward_sequential(
     """Normalized causal linear attention, one program per batch·head: ``(out, den + eps)``.
     ``chunk_size`` is not used: the register budget sets the chunk (``sequential_meta``)."""
     check_sequential(q, v)
-    plan = _Plan(q, v, chunk_size, precision, True, feature_map=feature_map)
+    plan = plan_for(q, v, chunk_size, precision, True, feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
     bh = q3.shape[0]
     out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=out_dtype)
@@ -229,7 +235,7 @@ def causal_linear_backward_sequential(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``causal_linear_forward_sequential`` from its ``out`` and ``d``."""
     check_sequential(q, v)
-    plan = _Plan(q, v, chunk_size, precision, True, feature_map=feature_map)
+    plan = plan_for(q, v, chunk_size, precision, True, feature_map)
     (q3, k3, v3, do3), (dq, dk, dv) = plan.backward_buffers(q, k, v, grad_out, grad_dtype)
     bh = q3.shape[0]
     if plan.n and bh:
