@@ -2,10 +2,10 @@
 # A short GPU check for a leased machine with a preinstalled torch/triton/pytest (no installs),
 # most important first (the open question is the fast-attention GPU speed): the fast-attention
 # gpu tests, its Triton-vs-SDPA/fla sweep (plus CUDA-graph replays and the sequential
-# schedule), the causal clustered LM form, fused/unfused/sequential timings with kernel
-# tables, then core's gpu tests and kernel/LM benchmark (SKIP_CORE=1 leaves those out). Only
-# logs go to ${OUT:-build/gpu-smoke} (at most 8 files come back from a device call); every
-# figure is printed into them.
+# schedule), the causal clustered LM form, fused/unfused/sequential timings (with the host time
+# to issue each step) and kernel tables, then core's gpu tests and kernel/LM benchmark
+# (SKIP_CORE=1 leaves those out). Only logs go to ${OUT:-build/gpu-smoke} (at most 8 files
+# come back from a device call); every figure is printed into them.
 # Worst case 650 s (SKIP_CORE=1: 540 s; one device call runs at most 600 s). Seen on an H200:
 # 80 s of tests (before the fused and sequential cases were added), then a cold sweep over
 # 120 s (fla autotunes at every sequence length). For the full check through nox, use
@@ -91,6 +91,15 @@ for n in (8192, 32768):
     steps = {"fused": fused, "apart": apart, "sequential": seq}
     med = {name: t.median_s * 1e3 for name, t in compare(steps, warmup=2, repeats=10).items()}
     print(f"n={n} fp16 fwd+bwd ms: {med}; fused speedup {med['apart'] / med['fused']:.2f}", flush=True)
+    enqueue = {}  # host time to issue a step (GPU idle first): host-bound when ~ the median
+    for name, step in steps.items():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            step()
+        enqueue[name] = round((time.perf_counter() - t) / 10 * 1e3, 3)
+        torch.cuda.synchronize()
+    print(f"n={n} host ms to issue one step: {enqueue}", flush=True)
     for name in ("fused", "sequential"):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             steps[name]()

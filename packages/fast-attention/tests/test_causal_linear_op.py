@@ -191,6 +191,27 @@ def test_triton_training_step_is_six_launches(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("form", ["normalized", "fused_elu"])
+def test_triton_takes_strided_views(form):
+    # Modules hand over (B, T, H, D) projections viewed as (B, H, T, D): the launchers must
+    # read them (and a strided upstream gradient) as the contiguous tensors they stand for.
+    g = torch.Generator().manual_seed(4)
+    x = [torch.rand(2, 37, 3, 16, generator=g).requires_grad_() for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in x)
+    assert not q.is_contiguous()
+    fn, ref_fn = FORMS[form]
+    out = fn(q, k, v, chunk_size=16)
+    weights = torch.randn(2, 37, 3, 16, generator=g).transpose(1, 2)  # a strided grad
+    got = torch.autograd.grad((out * weights).sum(), x)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    ref = ref_fn(qc, kc, vc)
+    want = torch.autograd.grad((ref * weights).sum(), (qc, kc, vc))
+    assert_close(out, ref, rtol=1e-5, name="out")
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a.transpose(1, 2), b, rtol=1e-5, name=f"d{name}")
+
+
+@needs_triton
 def test_triton_fp16_long_sequence_gradients_survive_the_cancellation():
     # The inter-chunk terms of dq and dk grow with N and cancel to ~sqrt(N): the kernels must
     # form them from fp32 states (16 chunks here), not from 16-bit operands.
