@@ -52,6 +52,20 @@ def _features(
     return qf, kf
 
 
+_DEFAULT_ELU: dict[int, EluFeatureMap] = {}  # per head dim (a dict: dynamo warns on lru_cache)
+
+
+def _feature_map(spec: str | FeatureMap, head_dim: int, options: dict[str, Any]) -> FeatureMap:
+    """``get_feature_map``, with the default elu+1 map built once per head dim: it holds no
+    parameters or state, and an ``nn.Module`` built per call is host time in every step."""
+    if spec == "elu" and not options:
+        fm = _DEFAULT_ELU.get(head_dim)
+        if fm is None:
+            fm = _DEFAULT_ELU[head_dim] = EluFeatureMap(head_dim)
+        return fm
+    return get_feature_map(spec, head_dim, **options)
+
+
 def _fuses_feature_map(
     fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
 ) -> bool:
@@ -94,7 +108,7 @@ def linear_attention(
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
     mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
-    fm = get_feature_map(feature_map, q.shape[-1], **feature_map_options)
+    fm = _feature_map(feature_map, q.shape[-1], feature_map_options)
     if causal and mask is None and _fuses_feature_map(fm, q, k, v, backend):
         out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size)
         return (out, _state(fm, k, v, q.shape[2])) if return_state else out
@@ -163,7 +177,7 @@ def linear_attention_step(
             f"q_t, k_t must match and share (batch, heads) with v_t; got {tuple(q_t.shape)}, "
             f"{tuple(k_t.shape)}, {tuple(v_t.shape)}"
         )
-    fm = get_feature_map(feature_map, q_t.shape[-1])
+    fm = _feature_map(feature_map, q_t.shape[-1], {})
     qf = fm(q_t, is_query=True)
     kf = fm(k_t, is_query=False)
     vv = v_t.to(compute_dtype(v_t.dtype))
