@@ -80,6 +80,44 @@ def test_kmeans_triton_equals_torch(padded):
     assert torch.equal(a_k, dist.argmin(-1))
 
 
+@pytest.mark.parametrize("c, bits", [(5, 1), (100, 63), (300, 17), (1000, 63), (70, 200)])
+def test_cpu_assignment_by_keyed_max_equals_argmax_with_ties(c, bits):
+    # The CPU torch path finds the nearest centroid with one amax over keys s·C + (C−1−c)
+    # instead of an argmax: same answers, ties to the lowest index included.
+    from verger.fast_attention.ops.clustering import _keys_are_exact
+
+    codes = _codes(3, 200, bits, seed=c)
+    centroids = _codes(3, c, bits, seed=bits)
+    centroids[:, c // 2 :: 3] = centroids[:, : len(range(c // 2, c, 3))]  # duplicates: ties
+    assert _keys_are_exact(codes, c)
+    expected = torch.bmm(codes, centroids.mT).argmax(-1)
+    got = hamming_assign(codes, centroids, backend="torch")
+    assert torch.equal(got, expected)
+    if bits <= 63:  # the popcount spec packs into one int64
+        assert torch.equal(got, _popcount_argmin(codes, centroids))
+
+
+def _popcount_argmin(codes, centroids):
+    return _popcount(codes, centroids).argmin(-1)
+
+
+def test_cpu_assignment_falls_back_to_argmax_where_keys_would_be_inexact():
+    from verger.fast_attention.ops.clustering import _keys_are_exact
+
+    codes = _codes(1, 40, 63, seed=7)
+    assert not _keys_are_exact(codes, 2**18)  # (bits + 1)·C >= 2**24: not exact in fp32
+    assert not _keys_are_exact(codes.double(), 100)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # may run fp32 matmuls in TF32/bf16
+        assert not _keys_are_exact(codes, 100)
+        centroids = _codes(1, 100, 63, seed=8)
+        expected = _popcount_argmin(codes, centroids)
+        assert torch.equal(hamming_assign(codes, centroids, backend="torch"), expected)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_dispatch():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, 63) == "torch"

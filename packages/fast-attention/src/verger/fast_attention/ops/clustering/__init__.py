@@ -6,10 +6,11 @@ and on GPU (tensor cores). ``reference.py`` holds the popcount spec.
 
 The assignment step (``hamming_assign``) dispatches: on CUDA a Triton kernel (``triton.py``)
 keeps a running argmax over centroid blocks, so the (G, N, C) score tensor is never stored;
-elsewhere one batched matmul plus ``argmax``. Both give identical assignments (exact integer
-scores, ties to the lowest centroid index). The update step (per-bit majority votes) stays
-torch on every backend: it is two ``scatter_add_`` calls, memory-bound work that a kernel
-would not speed up.
+elsewhere one batched matmul whose scores carry each centroid's rank, so that one ``amax``
+(about 10x faster than ``argmax`` on CPU) finds the nearest (``_keyed_argmax``). All give
+identical assignments (exact integer scores, ties to the lowest centroid index). The update
+step (per-bit majority votes) stays torch on every backend: an ``index_add_`` of the codes
+and a ``scatter_add_`` of the counts, memory-bound work that a kernel would not speed up.
 """
 
 from __future__ import annotations
@@ -74,12 +75,48 @@ def _initial_centroids(codes: torch.Tensor, n_clusters: int, lengths: torch.Tens
 def _assign(
     codes: torch.Tensor, centroids: torch.Tensor, backend: str, scores: torch.Tensor | None
 ) -> torch.Tensor:
-    """Assignment step on a resolved backend; ``scores`` is a reusable (G, N, C) torch buffer."""
+    """Assignment step on a resolved backend; ``scores`` is a reusable (G, N, C) torch buffer.
+    Torch codes with an extra column of ones (``_with_ones``) take ``_keyed_argmax``."""
     if backend == "triton":
         return hamming_assign_triton(codes, centroids)[0]
-    if scores is None:
-        return torch.bmm(codes, centroids.mT).argmax(-1)
+    if codes.shape[-1] == centroids.shape[-1] + 1:
+        return _keyed_argmax(codes, centroids, scores)
     return torch.bmm(codes, centroids.mT, out=scores).argmax(-1)
+
+
+def _keys_are_exact(codes: torch.Tensor, n_clusters: int) -> bool:
+    """Whether ``_keyed_argmax`` applies: on CPU (where ``argmax`` over the last dim is slow)
+    with fp32 matmuls (no TF32/bf16 inputs) and keys below 2**24 (exact fp32 integers)."""
+    bits = codes.shape[-1]
+    return (
+        codes.device.type == "cpu"
+        and codes.dtype == torch.float32
+        and torch.get_float32_matmul_precision() == "highest"
+        and (bits + 1) * n_clusters < 2**24
+    )
+
+
+def _with_ones(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (G, N, bits) with a column of ones appended: it carries the ranks of
+    ``_keyed_argmax`` through the matmul."""
+    return torch.cat((codes, codes.new_ones(*codes.shape[:-1], 1)), -1)
+
+
+def _keyed_argmax(
+    codes1: torch.Tensor, centroids: torch.Tensor, scores: torch.Tensor | None
+) -> torch.Tensor:
+    """``argmax_c codes·centroid_c`` as one ``amax``, ~10x faster than ``argmax`` on CPU.
+
+    The inner products are integers s in [−bits, bits], so the key ``s·C + (C − 1 − c)`` is an
+    exact fp32 integer that orders by s first and, among ties, by the lowest c (argmax's rule).
+    The matmul forms it directly: centroids scaled by C, plus the rank column that meets
+    ``codes1``'s ones. The key is decoded in int64.
+    """
+    g, c, _ = centroids.shape
+    rank = torch.arange(c - 1, -1, -1, dtype=centroids.dtype, device=centroids.device)
+    keyed = torch.cat((centroids * c, rank.expand(g, c)[..., None]), -1)
+    top = torch.bmm(codes1, keyed.mT, out=scores).amax(-1).long()
+    return c - 1 - torch.remainder(top, c)
 
 
 @torch.no_grad()
@@ -94,6 +131,8 @@ def hamming_assign(
     interpreter).
     """
     backend = resolve_backend(backend, codes.device, codes.shape[-1])
+    if backend == "torch" and _keys_are_exact(codes, centroids.shape[1]):
+        codes = _with_ones(codes)
     return _assign(codes, centroids, backend, None)
 
 
@@ -124,23 +163,25 @@ def hamming_kmeans(
     weights = codes if valid is None else codes * valid[..., None]
     # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
     # iterations because fresh large CPU allocations cost page faults comparable to the matmul
-    scores = (
-        torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
-        if backend == "torch"
-        else None
-    )
-    assign = _assign(codes, centroids, backend, scores)
-    votes = torch.empty_like(centroids)
+    scores, keyed = None, codes
+    if backend == "torch":
+        if _keys_are_exact(codes, n_clusters):
+            keyed = _with_ones(codes)
+        scores = torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
+    assign = _assign(keyed, centroids, backend, scores)
+    votes = torch.empty(g * n_clusters, bits, dtype=codes.dtype, device=codes.device)
     counts = torch.empty(g, n_clusters, device=codes.device)
     ones = torch.ones(g, n, device=codes.device) if valid is None else valid.float()
-    index = torch.empty(g, n, bits, dtype=torch.long, device=codes.device)
+    rows = weights.reshape(g * n, bits)
+    offsets = torch.arange(g, device=codes.device)[:, None] * n_clusters
     for _ in range(max(iterations, 1)):
-        index.copy_(assign[..., None].expand(-1, -1, bits))
-        votes.zero_().scatter_add_(1, index, weights)
+        # per-bit votes of each cluster's members: one index_add_ over the flattened groups
+        # (a scatter_add_ would need an int64 index per code bit)
+        votes.zero_().index_add_(0, (assign + offsets).view(-1), rows)
         counts.zero_().scatter_add_(1, assign, ones)
-        updated = (votes >= 0).float().mul_(2.0).sub_(1.0)
+        updated = torch.where(votes.view(g, n_clusters, bits) >= 0, 1.0, -1.0)
         centroids = torch.where(counts[..., None] > 0, updated, centroids)
-        previous, assign = assign, _assign(codes, centroids, backend, scores)
+        previous, assign = assign, _assign(keyed, centroids, backend, scores)
         if torch.equal(previous, assign):
             break
     return assign, centroids
