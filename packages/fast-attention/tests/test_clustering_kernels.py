@@ -127,6 +127,10 @@ def test_dispatch():
     assert resolve_backend("auto", torch.device("cuda"), 65) == "torch"  # too wide for the tile
     with pytest.raises(ValueError, match="backend"):
         hamming_assign(_codes(1, 4, 8), _codes(1, 2, 8), backend="cuda")
+    with pytest.raises(ValueError, match="bits"):  # the torch path checks its inputs too
+        hamming_assign(_codes(1, 4, 9), _codes(1, 2, 8), backend="torch")
+    with pytest.raises(ValueError, match="at least one centroid"):
+        hamming_assign(_codes(1, 4, 8), _codes(1, 0, 8), backend="torch")
     codes, cents = _codes(2, 33, 9, seed=4), _codes(2, 5, 9, seed=5)
     expected = torch.bmm(codes, cents.mT).argmax(-1)
     assert torch.equal(hamming_assign(codes, cents), expected)

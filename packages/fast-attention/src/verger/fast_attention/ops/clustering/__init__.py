@@ -24,6 +24,7 @@ from verger.fast_attention.ops.clustering.reference import (
 )
 from verger.fast_attention.ops.clustering.triton import (
     MAX_BITS,
+    check_assign_inputs,
     hamming_assign_triton,
 )
 
@@ -73,13 +74,17 @@ def _initial_centroids(codes: torch.Tensor, n_clusters: int, lengths: torch.Tens
 
 
 def _assign(
-    codes: torch.Tensor, centroids: torch.Tensor, backend: str, scores: torch.Tensor | None
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    backend: str,
+    scores: torch.Tensor | None,
+    keyed: bool = False,
 ) -> torch.Tensor:
     """Assignment step on a resolved backend; ``scores`` is a reusable (G, N, C) torch buffer.
-    Torch codes with an extra column of ones (``_with_ones``) take ``_keyed_argmax``."""
+    ``keyed``: the codes carry a column of ones (``_with_ones``) for ``_keyed_argmax``."""
     if backend == "triton":
         return hamming_assign_triton(codes, centroids)[0]
-    if codes.shape[-1] == centroids.shape[-1] + 1:
+    if keyed:
         return _keyed_argmax(codes, centroids, scores)
     return torch.bmm(codes, centroids.mT, out=scores).argmax(-1)
 
@@ -130,9 +135,10 @@ def hamming_assign(
     (Triton on CUDA, torch elsewhere), ``torch`` or ``triton`` (on CPU only under the Triton
     interpreter).
     """
+    check_assign_inputs(codes, centroids)
     backend = resolve_backend(backend, codes.device, codes.shape[-1])
     if backend == "torch" and _keys_are_exact(codes, centroids.shape[1]):
-        codes = _with_ones(codes)
+        return _assign(_with_ones(codes), centroids, backend, None, keyed=True)
     return _assign(codes, centroids, backend, None)
 
 
@@ -163,12 +169,12 @@ def hamming_kmeans(
     weights = codes if valid is None else codes * valid[..., None]
     # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
     # iterations because fresh large CPU allocations cost page faults comparable to the matmul
-    scores, keyed = None, codes
+    scores = None
+    keyed = backend == "torch" and _keys_are_exact(codes, n_clusters)
+    scored = _with_ones(codes) if keyed else codes  # what the assignment step multiplies
     if backend == "torch":
-        if _keys_are_exact(codes, n_clusters):
-            keyed = _with_ones(codes)
         scores = torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
-    assign = _assign(keyed, centroids, backend, scores)
+    assign = _assign(scored, centroids, backend, scores, keyed)
     votes = torch.empty(g * n_clusters, bits, dtype=codes.dtype, device=codes.device)
     counts = torch.empty(g, n_clusters, device=codes.device)
     ones = torch.ones(g, n, device=codes.device) if valid is None else valid.float()
@@ -181,7 +187,7 @@ def hamming_kmeans(
         counts.zero_().scatter_add_(1, assign, ones)
         updated = torch.where(votes.view(g, n_clusters, bits) >= 0, 1.0, -1.0)
         centroids = torch.where(counts[..., None] > 0, updated, centroids)
-        previous, assign = assign, _assign(keyed, centroids, backend, scores)
+        previous, assign = assign, _assign(scored, centroids, backend, scores, keyed)
         if torch.equal(previous, assign):
             break
     return assign, centroids

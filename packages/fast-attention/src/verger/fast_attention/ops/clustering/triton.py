@@ -103,9 +103,9 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check(codes: torch.Tensor, centroids: torch.Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+def check_assign_inputs(codes: torch.Tensor, centroids: torch.Tensor) -> None:
+    """Raise unless codes (G, N, bits) and centroids (G, C ≥ 1, bits) are float tensors that
+    agree in groups and bits and share a device (every backend's precondition)."""
     if codes.dim() != 3 or centroids.dim() != 3:
         raise ValueError(
             "hamming assignment needs codes (G, N, bits) and centroids (G, C, bits), got shapes "
@@ -122,15 +122,23 @@ def _check(codes: torch.Tensor, centroids: torch.Tensor) -> None:
             raise TypeError(f"{name} must be float32/float16/bfloat16 ±1 codes, not {t.dtype}")
     if codes.device != centroids.device:
         raise ValueError(f"codes on {codes.device} but centroids on {centroids.device}")
+    if n_clusters < 1:
+        raise ValueError("hamming assignment needs at least one centroid, got C = 0")
+
+
+def _check(codes: torch.Tensor, centroids: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    check_assign_inputs(codes, centroids)
     if codes.device.type != "cuda" and not _interpreted():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got {codes.device} (on CPU it runs only "
             "under the Triton interpreter, TRITON_INTERPRET=1 set before import)"
         )
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"the triton kernel supports 1 <= bits <= {MAX_BITS}, got {bits}")
-    if n_clusters < 1:
-        raise ValueError("hamming assignment needs at least one centroid, got C = 0")
+    if not 1 <= codes.shape[-1] <= MAX_BITS:
+        raise ValueError(
+            f"the triton kernel supports 1 <= bits <= {MAX_BITS}, got {codes.shape[-1]}"
+        )
 
 
 @torch.compiler.disable
