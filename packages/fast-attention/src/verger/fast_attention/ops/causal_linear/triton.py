@@ -28,8 +28,9 @@ the cancellation (``do·v − w``), so 16-bit operands are safe there.
 
 Fused feature map (``feature_map="elu"``): q and k are raw inputs; every tile of them is mapped
 by φ = elu + 1 as it is loaded (in fp32, rounded to the input dtype, zero outside the tensor),
-and the dq/dk kernels multiply their result by φ'(q) / φ'(k). ``linear_attention`` uses it, so
-no feature tensor, no feature-map backward and no dtype copy runs around the kernels.
+and the dq/dk blocks of the gradient kernel multiply their result by φ'(q) / φ'(k).
+``linear_attention`` uses it, so no feature tensor, no feature-map backward and no dtype copy
+runs around the kernels.
 
 Precision: 16-bit inputs use the tensor cores with fp32 accumulation; fp32 inputs use
 ``precision`` (default ``tf32x3``: tensor cores at ~fp32 accuracy; ``ieee`` runs the dots on
