@@ -55,11 +55,10 @@ def _configs(
         meta = plan.meta(name, normalize=True)
         warps = meta.pop("num_warps")
         out.append((name, KernelConfig(fn, signatures[name], meta, num_warps=warps)))
-    scan = plan.meta("scan", normalize=True)
     out.append(
         ("scan", KernelConfig(kernels._exclusive_scan_kernel,
                               {"states_ptr": f, "rev_ptr": f, "n_chunks": "i32", "e_size": "i32"},
-                              scan))
+                              dict(kernels.SCAN_META)))
     )  # fmt: skip
     return out
 

@@ -60,6 +60,8 @@ MAX_GRID_Z = 65535  # batch*heads rides on a grid axis limited to this
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 FUSED_FEATURE_MAPS = ("elu",)  # feature maps the kernels can apply to raw q, k on load
 DEFAULT_CHUNK = 64
+# The chunk scan's tiles: 16 chunks per tl.cumsum step, 128 state elements per program.
+SCAN_META = {"BC": 16, "BE": 128}
 
 if HAS_TRITON:
 
@@ -578,8 +580,6 @@ class _Plan:
         if kernel == "states":
             return {**tiles, "V_BLOCKS": self.v_blocks, "WITH_Z": normalize,
                     "PRECISION": self.prec, "FEATURE": self.feature, "num_warps": 4}  # fmt: skip
-        if kernel == "scan":
-            return {"BC": 16, "BE": 128}
         if kernel == "forward":
             return {**tiles, "K_BLOCKS": self.k_blocks, "NORMALIZE": normalize, **dots}
         if kernel == "backward_states":
@@ -629,10 +629,9 @@ class _Plan:
     def scan(self, states: torch.Tensor, rev: torch.Tensor | None = None) -> None:
         """In place: each chunk's state in ``states`` becomes the sum over the chunks before
         it and, in ``rev`` when given, over the chunks after it (one launch for both)."""
-        meta = self.meta("scan", normalize=True)
-        grid = (_cdiv(self.e_size, meta["BE"]), states.shape[0], 1 if rev is None else 2)
+        grid = (_cdiv(self.e_size, SCAN_META["BE"]), states.shape[0], 1 if rev is None else 2)
         _exclusive_scan_kernel[grid](
-            states, states if rev is None else rev, self.n_chunks, self.e_size, **meta
+            states, states if rev is None else rev, self.n_chunks, self.e_size, **SCAN_META
         )
 
 

@@ -169,11 +169,13 @@ def hamming_kmeans(
     weights = codes if valid is None else codes * valid[..., None]
     # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
     # iterations because fresh large CPU allocations cost page faults comparable to the matmul
-    scores = None
     keyed = backend == "torch" and _keys_are_exact(codes, n_clusters)
     scored = _with_ones(codes) if keyed else codes  # what the assignment step multiplies
-    if backend == "torch":
-        scores = torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
+    scores = (
+        torch.empty(g, n, n_clusters, dtype=codes.dtype, device=codes.device)
+        if backend == "torch"
+        else None
+    )
     assign = _assign(scored, centroids, backend, scores, keyed)
     votes = torch.empty(g * n_clusters, bits, dtype=codes.dtype, device=codes.device)
     counts = torch.empty(g, n_clusters, device=codes.device)
