@@ -54,3 +54,57 @@ def test_demo_quick_runs(tmp_path):
     assert main(["demo", "--quick", "--steps", "3", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"val_loss_softmax", "val_loss_linear", "val_loss_improved_clustered"} <= set(metrics)
+
+
+class _Killed(Exception):
+    """Stands for the process dying mid-run."""
+
+
+def _losses(out):
+    from verger.fast_attention.demo import _step_records
+
+    return [
+        (r["step"], r["loss"]) for r in _step_records(out / "logs" / "linear" / "metrics.jsonl")
+    ]
+
+
+def test_demo_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
+    from verger.core.train import TrainLoop
+
+    args = ["demo", "--quick", "--steps", "5", "--attentions", "linear", "--checkpoint-every", "2"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    real_step = TrainLoop.train_step
+
+    def dies_after_step_3(self, micro):
+        if self.step == 3:  # the last checkpoint is step 2: step 3 is redone on resume
+            raise _Killed
+        return real_step(self, micro)
+
+    monkeypatch.setattr(TrainLoop, "train_step", dies_after_step_3)
+    with pytest.raises(_Killed):
+        main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert main([*args, "--resume", "--out", str(tmp_path / "cut")]) == 0
+
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["val_loss_linear"] == whole["val_loss_linear"]  # bit for bit on CPU
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
+    assert [s for s, _ in _losses(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+
+
+def test_demo_refuses_to_resume_other_settings(tmp_path):
+    args = ["demo", "--quick", "--attentions", "linear", "--out", str(tmp_path)]
+    assert main([*args, "--steps", "2"]) == 0
+    with pytest.raises(ValueError, match=r"other settings.*'steps': \(2, 3\)"):
+        main([*args, "--steps", "3", "--resume"])
+    with pytest.raises(ValueError, match=r"unknown.*'sofmax'"):
+        main([*args, "--steps", "2", "--attentions", "sofmax"])
+    with pytest.raises(ValueError, match="--checkpoint-every -1: must be >= 0"):
+        main([*args, "--steps", "2", "--checkpoint-every", "-1"])
+    with pytest.raises(ValueError, match="--steps 1: must be >= 2"):
+        main([*args, "--steps", "1"])
+    assert main([*args, "--steps", "3"]) == 0  # without --resume: starts over
+    assert json.loads((tmp_path / "checkpoints" / "run.json").read_text())["steps"] == 3

@@ -44,6 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_out="build/demo/fast-attention",
     )
     demo.add_argument("--steps", type=int, default=None, help="training steps per model")
+    demo.add_argument(
+        "--attentions", nargs="+", default=None, metavar="NAME",
+        help="a subset of softmax, linear, improved_clustered (default: all three)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--resume", action="store_true",
+        help="continue from the checkpoints under OUT/checkpoints (default: start over)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="N",
+        help="checkpoint every N steps (default: a quarter of the run, at least 10)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "bench":
         from verger.fast_attention.bench import check_targets, run_bench

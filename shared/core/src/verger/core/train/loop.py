@@ -98,6 +98,7 @@ class TrainLoop:
         checkpointer: Checkpointer | None = None,
         logger: MetricsLogger | None = None,
         show_progress: bool | None = None,
+        desc: str = "train",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -107,6 +108,7 @@ class TrainLoop:
         self.checkpointer = checkpointer
         self.logger = logger
         self.show_progress = show_progress
+        self.desc = desc  # the progress bar's label
         self.step = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -176,7 +178,7 @@ class TrainLoop:
             self.resume(data)
         batches: Iterator[Any] = iter(data)
         history: list[StepStats] = []
-        bar = progress_bar(total=cfg.max_steps, desc="train", enabled=self.show_progress)
+        bar = progress_bar(total=cfg.max_steps, desc=self.desc, enabled=self.show_progress)
         bar.update(self.step)
         try:
             while self.step < cfg.max_steps:
