@@ -6,7 +6,7 @@
 # to issue each step) and kernel tables, then core's gpu tests and kernel/LM benchmark
 # (SKIP_CORE=1 leaves those out). Only logs go to ${OUT:-build/gpu-smoke} (at most 8 files
 # come back from a device call); every figure is printed into them.
-# Worst case 650 s (SKIP_CORE=1: 540 s; one device call runs at most 600 s). Seen on an H200:
+# Worst case 670 s (SKIP_CORE=1: 560 s; one device call runs at most 600 s). Seen on an H200:
 # 80 s of tests (before the fused and sequential cases were added), then a cold sweep over
 # 120 s (fla autotunes at every sequence length). For the full check through nox, use
 # ci/gpu-check.sh.
@@ -46,7 +46,7 @@ PY
 fa_rc=${PIPESTATUS[0]}
 
 # The leak-free causal clustered LM form (Triton gathered products) vs SDPA, fp32 forward.
-timeout 60 "$py" - "$reports/fa-clustered" <<'PY' 2>&1 | tee "$out/fa_clustered.log" | tail -12
+timeout 80 "$py" - "$reports/fa-clustered" <<'PY' 2>&1 | tee "$out/fa_clustered.log" | tail -12
 import sys, torch
 from verger.core.bench import Report
 from verger.fast_attention.bench import bench_causal_clustered
@@ -54,6 +54,16 @@ report = Report(sys.argv[1], title="causal clustered on CUDA (fp32 forward)")
 for n in (8192, 32768):
     bench_causal_clustered(report, n, torch.device("cuda"), 5)
     print({k: round(v, 3) for k, v in report.metrics.items() if k.endswith(f"n{n}")}, flush=True)
+# the encoder form's k-means (8 groups, 100 clusters, 63 bits, 10 iterations): the Triton
+# loop (a launch per sweep, no sync) vs the torch loop on the GPU
+from verger.core.bench import compare
+from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes
+for n in (8192, 32768):
+    codes = hash_codes(torch.randn(8, n, 64, device="cuda"), 63)
+    runs = {b: (lambda b=b: hamming_kmeans(codes, 100, 10, backend=b)) for b in ("triton", "torch")}
+    same = all(torch.equal(x, y) for x, y in zip(runs["triton"](), runs["torch"]()))
+    med = {b: round(t.median_s * 1e3, 3) for b, t in compare(runs, warmup=2, repeats=10).items()}
+    print(f"k-means n={n} ms: {med}, identical: {same}", flush=True)
 PY
 
 # The fused feature map vs features formed outside the kernels (the same Triton kernels) and
@@ -84,16 +94,18 @@ launches = {
     "triton, 12 pointers": lambda: _touch12[(1,)](x, *ptrs, 1024, BLOCK=1024),
     "torch": lambda: x.add_(1),
 }
-try:  # the compiled kernel's launcher called directly (triton >= 3.3): what the binder costs
+try:  # the compiled kernel launched without JITFunction.run's binding and cache lookup
     from triton.runtime import driver
     ck = _touch[(1,)](x, 1024, BLOCK=1024)
     dev = torch.cuda.current_device()
+    runner = ck[(1, 1, 1)]  # CompiledKernel.__getitem__: its own launcher (constexprs passed)
     def direct():
         stream = driver.active.get_current_stream(dev)
         ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, x, 1024, 1024)
-    direct()
-    torch.cuda.synchronize()
-    launches["triton, compiled.run directly"] = direct
+    for name, fn in (("compiled[grid]", lambda: runner(x, 1024, 1024)), ("compiled.run", direct)):
+        fn()
+        torch.cuda.synchronize()
+        launches[f"triton, {name}"] = fn
 except Exception as exc:  # noqa: BLE001
     print("direct launch unavailable:", type(exc).__name__, exc, flush=True)
 for name, launch in launches.items():

@@ -80,6 +80,59 @@ def test_kmeans_triton_equals_torch(padded):
     assert torch.equal(a_k, dist.argmin(-1))
 
 
+@needs_triton
+@pytest.mark.parametrize(
+    "g, n, c, bits, iterations",
+    [
+        (2, 150, 150, 63, 10),  # three centroid blocks, three row blocks
+        (3, 90, 20, 4, 10),  # 4 bits: tied scores and tied votes everywhere, empty clusters
+        (2, 33, 33, 17, 3),  # a cluster per row at the start
+        (1, 70, 7, 1, 1),  # one bit, a single update
+        (4, 129, 65, 64, 6),
+    ],
+)
+def test_kmeans_kernel_equals_the_torch_loop(g, n, c, bits, iterations):
+    # The torch loop is the specification: votes of the members with ties to +1, empty
+    # clusters kept, the stop at the first unchanged assignment; padding rows do not vote.
+    codes = _codes(g, n, bits, seed=n + c)
+    valid = torch.rand(g, n, generator=torch.Generator().manual_seed(c)) > 0.2
+    valid = valid.sort(1, descending=True).values  # left-aligned, as with right padding
+    for v in (None, valid):
+        a_t, c_t = hamming_kmeans(codes, c, iterations, valid=v, backend="torch")
+        a_k, c_k = hamming_kmeans(codes, c, iterations, valid=v, backend="triton")
+        assert torch.equal(a_k, a_t) and torch.equal(c_k, c_t)
+
+
+@needs_triton
+def test_kmeans_kernel_groups_converge_apart_in_a_fixed_number_of_launches(monkeypatch):
+    # group 0 starts at its fixed point (its rows are copies of the initial centroids), group
+    # 1 needs several updates: group 0's later sweeps must change nothing, as in the torch
+    # loop, which runs until every group is stable; and the loop is iterations + 1 launches
+    rows = _codes(1, 4, 16, seed=9)[0]
+    codes = _codes(2, 64, 16, seed=10)
+    codes[0] = rows.repeat_interleave(16, 0)  # the initial centroids are rows 0, 16, 32, 48
+    launches = []
+    real = kernels._kmeans_step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_kmeans_step_kernel", Counting())
+    a_k, c_k = hamming_kmeans(codes, 4, 10, backend="triton")
+    monkeypatch.undo()
+    a_t, c_t = hamming_kmeans(codes, 4, 10, backend="torch")
+    assert torch.equal(a_k, a_t) and torch.equal(c_k, c_t)
+    assert torch.equal(c_k[0], rows)
+    assert len(launches) == 11 and launches[0] == (1, 2)  # (row blocks, groups)
+    with pytest.raises(ValueError, match=r"weights must be \(G, N\)"):
+        kernels.hamming_kmeans_triton(codes, codes[:, :4], 3, torch.ones(2, 63))
+    many = _codes(kernels.MAX_GRID_Y + 1, 1, 2)
+    with pytest.raises(ValueError, match="groups exceed one launch"):
+        kernels.hamming_kmeans_triton(many, many, 3)
+
+
 @pytest.mark.parametrize("c, bits", [(5, 1), (100, 63), (300, 17), (1000, 63), (70, 200)])
 def test_cpu_assignment_by_keyed_max_equals_argmax_with_ties(c, bits):
     # The CPU torch path finds the nearest centroid with one amax over keys s·C + (C−1−c)
@@ -177,3 +230,22 @@ def test_assign_kernel_does_not_spill_and_uses_tensor_cores(resources):
     for res in resources:
         assert not res.spills, res
         assert res.tensor_core_instructions > 0, f"the dot runs on FMA units: {res}"
+
+
+def test_kmeans_step_kernel_does_not_spill_and_uses_tensor_cores():
+    if not kernels.HAS_TRITON or not ptxas_available():
+        pytest.skip("needs triton's NVIDIA backend")
+    signature = {"codes_ptr": "*fp32", "weight_ptr": "*fp32", "assign_ptr": "*i64",
+                 "cent_ptr": "*fp32", "final_ptr": "*fp32", "votes_ptr": "*fp32",
+                 "counts_ptr": "*fp32", "changed_ptr": "*i32", "n": "i32", "c": "i32",
+                 "bits": "i32", "t": "i32", "iterations": "i32"}  # fmt: skip
+    configs = []
+    for n_clusters, bits in [(100, 63), (8, 17)]:
+        meta = kernels.kmeans_launch_meta(n_clusters, bits)
+        warps = meta.pop("num_warps")
+        meta["HAS_WEIGHT"] = True  # the variant with one more load
+        configs.append(KernelConfig(kernels._kmeans_step_kernel, signature, meta, warps))
+    for arch in (80, 90):
+        for res in kernel_resources(*configs, arch=arch):
+            assert not res.spills, res
+            assert res.tensor_core_instructions > 0, f"the dots run on FMA units: {res}"

@@ -4,13 +4,18 @@ Codes are ±1 float matrices, so the Hamming distance is ``(bits − a·b) / 2``
 centroid is the argmax of an inner product: this beats int64 popcount bit tricks on CPU (BLAS)
 and on GPU (tensor cores). ``reference.py`` holds the popcount spec.
 
-The assignment step (``hamming_assign``) dispatches: on CUDA a Triton kernel (``triton.py``)
-keeps a running argmax over centroid blocks, so the (G, N, C) score tensor is never stored;
-elsewhere one batched matmul whose scores carry each centroid's rank, so that one ``amax``
-(about 10x faster than ``argmax`` on CPU) finds the nearest (``_keyed_argmax``). All give
-identical assignments (exact integer scores, ties to the lowest centroid index). The update
-step (per-bit majority votes) stays torch on every backend: an ``index_add_`` of the codes
-and a ``scatter_add_`` of the counts, memory-bound work that a kernel would not speed up.
+On CUDA the whole loop runs in Triton (``hamming_kmeans_triton``): one launch per sweep,
+each program assigning a block of rows to the nearest centroid, counting the rows that moved
+and adding their per-bit votes with atomics (integer sums, exact in any order); the next
+sweep forms the centroids from those votes as it loads them, and a group whose assignment
+did not change stops on the device. So k-means costs ``iterations + 1`` launches and no host
+sync, instead of about ten launches and a sync per iteration. On CPU, each iteration is an
+assignment step (``hamming_assign``: one batched matmul whose scores carry each centroid's
+rank, so that one ``amax``, about 10x faster than ``argmax`` on CPU, finds the nearest:
+``_keyed_argmax``) and an update step (an ``index_add_`` of the codes and a
+``scatter_add_`` of the counts). ``hamming_assign`` on CUDA is a Triton kernel that keeps a
+running argmax over centroid blocks, so the (G, N, C) score tensor is never stored. All give
+identical results: exact integer scores and votes, ties to the lowest centroid index.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from verger.fast_attention.ops.clustering.reference import (
 )
 from verger.fast_attention.ops.clustering.triton import (
     MAX_BITS,
+    MAX_GRID_Y,
     check_assign_inputs,
     hamming_assign_triton,
+    hamming_kmeans_triton,
 )
 
 __all__ = [
@@ -157,8 +164,9 @@ def hamming_kmeans(
     its previous centroid. ``valid`` (G, N) bool restricts which rows vote (padding does not);
     rows must be left-aligned (valid positions first), as with right padding. Every row is
     still assigned to its nearest centroid. Stops early once the assignments are stable (a
-    fixed point: further iterations would change nothing). ``backend`` picks the assignment
-    step as in ``hamming_assign``; both backends give identical results.
+    fixed point: further iterations would change nothing). ``backend``: as in
+    ``hamming_assign``; with Triton the loop is ``iterations + 1`` launches of one kernel and
+    no host sync (``hamming_kmeans_triton``). Both backends give identical results.
     """
     g, n, bits = codes.shape
     backend = resolve_backend(backend, codes.device, bits)
@@ -166,6 +174,8 @@ def hamming_kmeans(
         torch.full((g,), n, device=codes.device) if valid is None else valid.sum(1).clamp_min(1)
     )
     centroids = _initial_centroids(codes, n_clusters, lengths)
+    if backend == "triton" and g <= MAX_GRID_Y:
+        return hamming_kmeans_triton(codes, centroids, iterations, valid)
     weights = codes if valid is None else codes * valid[..., None]
     # argmin Hamming distance == argmax of the ±1 inner product; the buffers are reused across
     # iterations because fresh large CPU allocations cost page faults comparable to the matmul

@@ -36,6 +36,17 @@ MAX_PROGRAMS = 2**31 - 1  # groups x row blocks ride on grid axis 0
 if HAS_TRITON:
 
     @triton.jit
+    def _running_argmax(a, b, cols, mask_c, c, best, best_idx):
+        """Fold one block of centroids (``b``: (BB, BC), transposed) into the running best
+        score and index of each code row of ``a`` (BN, BB); ties to the lowest index."""
+        scores = tl.dot(a, b, out_dtype=tl.float32)  # exact integers in [-bits, bits]
+        scores = tl.where(mask_c[None, :], scores, float("-inf"))
+        block_max = tl.max(scores, axis=1)
+        block_idx = tl.min(tl.where(scores == block_max[:, None], cols[None, :], c), axis=1)
+        better = block_max > best  # strict: an earlier block keeps its ties
+        return tl.where(better, block_max, best), tl.where(better, block_idx, best_idx)
+
+    @triton.jit
     def _hamming_assign_kernel(
         codes_ptr,
         cent_ptr,
@@ -73,16 +84,119 @@ if HAS_TRITON:
                 mask=mask_b[:, None] & mask_c[None, :],
                 other=0.0,
             ).to(tl.float16)
-            scores = tl.dot(a, b, out_dtype=tl.float32)  # exact integers in [-bits, bits]
-            scores = tl.where(mask_c[None, :], scores, float("-inf"))
-            block_max = tl.max(scores, axis=1)
-            block_idx = tl.min(tl.where(scores == block_max[:, None], cols[None, :], c), axis=1)
-            better = block_max > best  # strict: an earlier block keeps its ties
-            best_idx = tl.where(better, block_idx, best_idx)
-            best = tl.where(better, block_max, best)
+            best, best_idx = _running_argmax(a, b, cols, mask_c, c, best, best_idx)
         out = g * n + rows
         tl.store(assign_ptr + out, best_idx.to(tl.int64), mask=mask_r)
         tl.store(dist_ptr + out, ((bits - best) * 0.5).to(tl.int32), mask=mask_r)
+
+    @triton.jit
+    def _kmeans_step_kernel(
+        codes_ptr,
+        weight_ptr,
+        assign_ptr,
+        cent_ptr,
+        final_ptr,
+        votes_ptr,
+        counts_ptr,
+        changed_ptr,
+        n,
+        c,
+        bits,
+        t,
+        iterations,
+        HAS_WEIGHT: tl.constexpr,
+        BN: tl.constexpr,
+        BC: tl.constexpr,
+        BB: tl.constexpr,
+        BZ: tl.constexpr,
+    ):
+        """Sweep ``t`` of Lloyd's loop for one block of ``BN`` rows of group ``g``.
+
+        Workspaces (fp32 unless said): ``cent`` (2, G, C, bits), centroids c_t in slot t % 2;
+        ``votes`` (3, G, C, bits) and ``counts`` (3, G, C), the sums of sweep t in slot t % 3;
+        ``changed`` (iterations + 1, G) int32, rows whose assignment sweep t changed.
+
+        Sweep t ≥ 1 runs only if sweep t − 1 changed a row of the group (a fixed point stays
+        one); it forms c_t = sign of the votes of sweep t − 1 (ties to +1) where the cluster
+        has members, else c_{t−1}, on the fly. Every sweep assigns its rows to the nearest
+        c_t, counts the changes, adds its rows' votes for the next sweep (atomics of integer
+        sums: exact in any order) and zeroes the slot the sweep after next accumulates into.
+        The row-block-0 program writes c_t to ``cent`` and to ``final``.
+        """
+        rb = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
+        n_groups = tl.num_programs(1)
+        n_blocks = tl.num_programs(0)
+        active = True
+        if t > 0:
+            active = tl.load(changed_ptr + (t - 1) * n_groups + g) > 0
+        if active:
+            cb = c * bits
+            cent_in = cent_ptr + (((t + 1) % 2) * n_groups + g) * cb  # c_{t−1} (c_0 at t = 0)
+            cent_out = cent_ptr + ((t % 2) * n_groups + g) * cb
+            votes_in = votes_ptr + (((t + 2) % 3) * n_groups + g) * cb
+            counts_in = counts_ptr + ((t + 2) % 3) * n_groups * c + g * c
+            if t == 0:
+                cent_in = cent_out
+            rows = rb * BN + tl.arange(0, BN)
+            offs_b = tl.arange(0, BB)
+            mask_r = rows < n
+            mask_b = offs_b < bits
+            a = tl.load(  # (BN, BB) codes, zero past `bits`
+                codes_ptr + g * n * bits + rows[:, None] * bits + offs_b[None, :],
+                mask=mask_r[:, None] & mask_b[None, :],
+                other=0.0,
+            ).to(tl.float16)
+            best = tl.full([BN], float("-inf"), dtype=tl.float32)
+            best_idx = tl.zeros([BN], dtype=tl.int32)
+            for start in range(0, c, BC):
+                cols = start + tl.arange(0, BC)
+                mask_c = cols < c
+                tile = cols[None, :] * bits + offs_b[:, None]  # (BB, BC): transposed
+                tile_mask = mask_b[:, None] & mask_c[None, :]
+                cent = tl.load(cent_in + tile, mask=tile_mask, other=0.0)
+                if t > 0:
+                    votes = tl.load(votes_in + tile, mask=tile_mask, other=0.0)
+                    members = tl.load(counts_in + cols, mask=mask_c, other=0.0)
+                    cent = tl.where(members[None, :] > 0, tl.where(votes >= 0, 1.0, -1.0), cent)
+                if rb == 0:
+                    tl.store(final_ptr + g * cb + tile, cent, mask=tile_mask)
+                    if t > 0:
+                        tl.store(cent_out + tile, cent, mask=tile_mask)
+                best, best_idx = _running_argmax(
+                    a, cent.to(tl.float16), cols, mask_c, c, best, best_idx
+                )
+            # rows whose nearest centroid changed (every row at t = 0)
+            prev = tl.load(assign_ptr + g * n + rows, mask=mask_r & (t > 0), other=-1)
+            moved = tl.sum(tl.where(mask_r & (prev != best_idx), 1, 0), axis=0)
+            tl.atomic_add(changed_ptr + t * n_groups + g, moved)
+            tl.store(assign_ptr + g * n + rows, best_idx.to(tl.int64), mask=mask_r)
+            if t < iterations:  # the votes of this assignment make c_{t+1}
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + g * n + rows, mask=mask_r, other=0.0)
+                else:
+                    w = tl.where(mask_r, 1.0, 0.0)
+                votes_out = votes_ptr + ((t % 3) * n_groups + g) * cb
+                counts_out = counts_ptr + (t % 3) * n_groups * c + g * c
+                for start in range(0, c, BC):
+                    cols = start + tl.arange(0, BC)
+                    mask_c = cols < c
+                    one_hot = tl.where(cols[None, :] == best_idx[:, None], w[:, None], 0.0)
+                    block_votes = tl.dot(tl.trans(one_hot.to(tl.float16)), a)  # (BC, BB)
+                    tl.atomic_add(
+                        votes_out + cols[:, None] * bits + offs_b[None, :],
+                        block_votes,
+                        mask=mask_c[:, None] & mask_b[None, :],
+                    )
+                    tl.atomic_add(counts_out + cols, tl.sum(one_hot, axis=0), mask=mask_c)
+            if t + 1 < iterations:  # sweep t + 1 accumulates into slot (t + 1) % 3: zero it
+                votes_next = votes_ptr + (((t + 1) % 3) * n_groups + g) * cb
+                counts_next = counts_ptr + ((t + 1) % 3) * n_groups * c + g * c
+                zeros = tl.zeros([BZ], dtype=tl.float32)
+                for off in range(rb * BZ, cb, n_blocks * BZ):
+                    idx = off + tl.arange(0, BZ)
+                    tl.store(votes_next + idx, zeros, mask=idx < cb)
+                    tl.store(counts_next + idx, zeros, mask=idx < c)
 
 
 def launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
@@ -162,3 +276,59 @@ def hamming_assign_triton(
             n, n_clusters, bits, n_row_blocks, **meta,
         )  # fmt: skip
     return assign, dist
+
+
+MAX_GRID_Y = 65535  # the step kernel's groups ride on grid axis 1
+
+
+def kmeans_launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
+    """Tile sizes of ``_kmeans_step_kernel``: those of ``launch_meta`` with 8 warps (with 4,
+    the (BC, BB) vote tiles and their atomics' addresses spill on sm_80), plus ``BZ``, the
+    length of the stretches of the next vote slot each program zeroes."""
+    return {**launch_meta(n_clusters, bits), "BZ": 512, "num_warps": 8}
+
+
+@torch.compiler.disable
+def hamming_kmeans_triton(
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    iterations: int,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's Hamming k-means from ``centroids`` (G, C, bits): ``(assign (G, N) int64,
+    centroids (G, C, bits))``, with the rules of ``hamming_kmeans``'s torch loop.
+
+    ``iterations + 1`` launches of ``_kmeans_step_kernel`` and two small torch ops, no host
+    sync: each group stops on the device at its first unchanged assignment (later launches
+    find it converged and do nothing). ``weights`` (G, N), 0 or 1: which rows vote (None:
+    all).
+    """
+    _check(codes, centroids)
+    g, n, bits = codes.shape
+    n_clusters = centroids.shape[1]
+    if weights is not None and weights.shape != (g, n):
+        raise ValueError(f"weights must be (G, N) = {(g, n)}, got {tuple(weights.shape)}")
+    if g > MAX_GRID_Y:
+        raise ValueError(f"{g} groups exceed one launch (at most {MAX_GRID_Y}); use torch")
+    iterations = max(int(iterations), 1)
+    assign = torch.empty(g, n, dtype=torch.long, device=codes.device)
+    if not (g and n):
+        return assign, centroids.clone()
+    meta = kmeans_launch_meta(n_clusters, bits)
+    cb = g * n_clusters * bits
+    # one zeroed buffer: vote slots (3, G, C, bits), count slots (3, G, C), changed counters
+    work = torch.zeros(3 * cb + 3 * g * n_clusters + (iterations + 1) * g, device=codes.device)
+    votes, counts = work[: 3 * cb], work[3 * cb : 3 * cb + 3 * g * n_clusters]
+    changed = work[3 * cb + 3 * g * n_clusters :].view(torch.int32)  # zero bits: int 0
+    cent = torch.empty(2, g, n_clusters, bits, device=codes.device)
+    cent[0].copy_(centroids)
+    final = torch.empty_like(cent[0])
+    codes = codes.contiguous()
+    w = None if weights is None else weights.to(torch.float32).contiguous()
+    grid = (-(-n // meta["BN"]), g)
+    for t in range(iterations + 1):
+        _kmeans_step_kernel[grid](
+            codes, final if w is None else w, assign, cent, final, votes, counts, changed,
+            n, n_clusters, bits, t, iterations, HAS_WEIGHT=w is not None, **meta,
+        )  # fmt: skip
+    return assign, final.to(centroids.dtype)
