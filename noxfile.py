@@ -362,7 +362,10 @@ def build_and_check(session: nox.Session, member, out: Path) -> list[Path]:
     if len(wheels) != 1:
         session.error(f"expected one wheel in {out / member.short}, found {wheels}")
     links = [a for d in deps for a in ("--find-links", str(out / d.short))]
-    session.install(str(wheels[0]), *links)
+    # uv would otherwise reuse a cached wheel of the same name and version (a workspace member
+    # rebuilt with new code keeps its version until it is released)
+    fresh = [a for m in (*deps, member) for a in ("--refresh-package", m.dist)]
+    session.install(str(wheels[0]), *links, *fresh)
     others = [m.module for m in ALL_MEMBERS if m not in (*deps, member)]
     check = [str(CI / "import_check.py"), member.module, "--absent", *others]
     with session.chdir(session.create_tmp()):  # import the wheel, not the checkout

@@ -83,7 +83,7 @@ def test_gradcheck_fp64(topk):
 def test_log_depth_scans_equal_the_sequential_ones():
     # GPUs scan the chunks in log2(nb) steps; CPUs one chunk at a time. Chunks 0-1 hold only
     # padded keys (−inf) and the logits grow along the sequence, so the running max changes.
-    from verger.fast_attention.causal_clustered import _chunk_prefix, _prefix_topk
+    from verger.fast_attention.causal_clustered.scans import chunk_prefix, prefix_topk
 
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(2, 3, 11, 4, generator=g, dtype=torch.float64)
@@ -94,12 +94,12 @@ def test_log_depth_scans_equal_the_sequential_ones():
     parts = {}
     for log_depth in (False, True):
         lg, vv = logits.clone().requires_grad_(), v.clone().requires_grad_()
-        shift, sums, norms = _chunk_prefix(lg, vv, log_depth=log_depth)
+        shift, sums, norms = chunk_prefix(lg, vv, log_depth=log_depth)
         weight = torch.randn(
             sums.shape, generator=torch.Generator().manual_seed(1), dtype=sums.dtype
         )
         grads = torch.autograd.grad((sums * weight).sum() + norms.sum(), (lg, vv))
-        top_values, top_keys = _prefix_topk(logits, 6, log_depth)
+        top_values, top_keys = prefix_topk(logits, 6, log_depth)
         top_keys = top_keys.masked_fill(top_values.isinf(), -1)  # missing: any position
         parts[log_depth] = (shift, sums, norms, *grads, top_values, top_keys)
     for name, a, b in zip(("shift", "sums", "norms", "dlogits", "dv", "top values", "top keys"),

@@ -6,7 +6,8 @@ Improved clustered attention then gives each query its exact softmax over the ce
 keys, scaled by the centroid's mass on them; the other keys keep the centroid's weights.
 
 Its centroids are means over the whole sequence, so it is not causal; decoders use
-``causal_clustered_attention`` (centroids fixed before the sequence, see causal_clustered.py).
+``causal_clustered_attention`` (centroids fixed before the sequence, see the causal_clustered
+package).
 
 On CUDA the Hamming k-means assignment and the exact top-k products run as Triton kernels
 (``ops.clustering``, ``ops.gathered_attention``); on CPU as batched torch matmuls and gathers.
