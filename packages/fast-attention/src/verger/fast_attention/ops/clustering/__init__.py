@@ -62,10 +62,15 @@ def hash_codes(
 
     ``x``: (G, N, D). The offsets are drawn at the scale of the projections (their RMS over
     the valid rows), so the planes cut through the data instead of passing by the origin.
+    The planes come from ``generator`` (on its device) or from the default generator of x's
+    device.
     """
     g, n, d = x.shape
-    planes = torch.randn(d, bits, generator=generator, dtype=torch.float32)
-    offsets = torch.randn(bits, generator=generator, dtype=torch.float32)
+    # drawn where x lives unless a generator fixes them (then on its device): a copy from
+    # pageable host memory to a GPU waits for the stream, so host-drawn planes stall a call
+    where = x.device if generator is None else generator.device
+    planes = torch.randn(d, bits, generator=generator, dtype=torch.float32, device=where)
+    offsets = torch.randn(bits, generator=generator, dtype=torch.float32, device=where)
     proj = x.detach().float() @ planes.to(x.device)
     w = torch.ones(g, n, 1, device=x.device) if valid is None else valid[..., None].float()
     scale = ((proj.square() * w).sum((1, 2)) / (w.sum((1, 2)) * bits).clamp_min(1.0)).sqrt()
