@@ -230,6 +230,28 @@ def test_first_batch_seeds_the_centroids_then_they_move_by_the_moving_average():
             assert_close(m.centroids.value[h, c], want, rtol=1e-5, name=f"head {h} centroid {c}")
 
 
+def test_loading_a_state_dict_decides_whether_the_centroids_are_seeded(monkeypatch):
+    # readiness is mirrored on the host (no GPU read per forward); a load must reset it
+    m, x = _module(), torch.randn(2, 12, 16)
+    with torch.no_grad():
+        m.eval()(x)
+    fresh = _module()
+    fresh.load_state_dict(m.state_dict())
+
+    def refuse(*args):
+        raise AssertionError("loaded centroids were seeded again")
+
+    monkeypatch.setattr(fresh.centroids, "initialize", refuse)
+    with torch.no_grad():
+        fresh.eval()(x)
+    assert torch.equal(fresh.centroids.value, m.centroids.value)
+    m.load_state_dict(_module().state_dict())  # an unseeded state: the next call seeds
+    assert not m.centroids.is_ready()
+    with torch.no_grad():
+        m.eval()(x)
+    assert m.centroids.is_ready() and bool(m.centroids.ready)
+
+
 def test_unused_centroids_are_reseeded_with_queries_of_the_batch():
     m = _module()
     x = torch.randn(2, 12, 16)

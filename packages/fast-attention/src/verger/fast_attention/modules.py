@@ -231,7 +231,7 @@ class ClusteredAttention(_Projected):
     ) -> tuple[Tensor, ClusteredAttentionState | None]:
         learned = self.centroids
         assert learned is not None
-        if not bool(learned.ready):
+        if not learned.is_ready():
             learned.initialize(q, mask)
         assign = assign_to_centroids(q, learned.value)
         if self.training and torch.is_grad_enabled():

@@ -3,6 +3,8 @@ and ``LearnedCentroids``, the module state that learns them across training batc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from verger.fast_attention.clustered import _centroids
@@ -72,6 +74,19 @@ class LearnedCentroids(torch.nn.Module):
         self.register_buffer("usage", torch.full((heads, clusters), 1.0 / clusters))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # ``ready`` mirrored on the host: reading the buffer of a GPU module at every forward
+        # would wait for the stream; None = not known (after a state-dict load)
+        self._ready_host: bool | None = False
+
+    def is_ready(self) -> bool:
+        """Whether the centroids were initialized (reads the buffer at most once per load)."""
+        if self._ready_host is None:
+            self._ready_host = bool(self.ready)
+        return self._ready_host
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready_host = None  # the loaded ``ready`` decides
 
     @staticmethod
     def _pooled(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -95,6 +110,7 @@ class LearnedCentroids(torch.nn.Module):
         self.value.copy_(value)
         self.usage.fill_(1.0 / clusters)
         self.ready.fill_(True)
+        self._ready_host = True
 
     def straight_through(
         self, q: torch.Tensor, assign: torch.Tensor, mask: torch.Tensor | None
@@ -153,9 +169,10 @@ class LearnedCentroids(torch.nn.Module):
         moved = self.decay * value + (1.0 - self.decay) * means
         value = torch.where(counts[..., None] > 0, moved, value)
         usage = self.decay * self.usage + (1.0 - self.decay) * counts / m
+        # re-seed the unused: the seeds are drawn every time, so no host test of `dead` has to
+        # wait for the GPU
         dead = usage < 0.01 / clusters
-        if bool(dead.any()):
-            seeds = rows[:, torch.randint(m, (clusters,), device=rows.device)]
-            value = torch.where(dead[..., None], seeds, value)
-            usage = torch.where(dead, torch.full_like(usage, 1.0 / clusters), usage)
+        seeds = rows[:, torch.randint(m, (clusters,), device=rows.device)]
+        value = torch.where(dead[..., None], seeds, value)
+        usage = torch.where(dead, torch.full_like(usage, 1.0 / clusters), usage)
         self._pending = (value.to(self.value.dtype), usage)
