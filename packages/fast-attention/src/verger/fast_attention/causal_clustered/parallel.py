@@ -22,7 +22,11 @@ from verger.fast_attention.causal_clustered.state import (
     empty_state,
     state_from_sequence,
 )
-from verger.fast_attention.causal_clustered.top_keys import top_histories, top_products
+from verger.fast_attention.causal_clustered.top_keys import (
+    top_histories,
+    top_removed,
+    top_softmax_parts,
+)
 from verger.fast_attention.clustered import _rows, _topk_exact_blocked
 from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops._backend import pick_backend
@@ -67,20 +71,13 @@ def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # 
     top_vals, top_idx = prefix_topk(lc.detach(), topk)  # (G, C, nb, K)
     top_ok = torch.isfinite(top_vals)
     qp = F.pad(q3, (0, 0, 0, extra))
+    removed_i, removed_z = top_removed(logits, vp, top_idx, top_ok, mu, group)
     if backend == "triton":
         # per (chunk, cluster) group: one gathered product over its top-k and its chunk's
         # keys, with the causal position mask (Triton reads the rows by index, no copies)
         groups = nb * clusters
         top_keys = top_idx.transpose(1, 2).reshape(g, groups, topk)
         top_ok = top_ok.transpose(1, 2).reshape(g, groups, topk)
-        chunk_id = (
-            torch.arange(nb, device=q3.device).view(1, nb, 1, 1).expand(g, nb, clusters, topk)
-        )
-        start = chunk_id.reshape(g, groups, topk)
-        removed_i, removed_z = top_products(
-            qp, kp, vp, logits, mu, group, top_keys, start, start + 1, top_ok, chunk, scale,
-            softmax=False,
-        )  # fmt: skip
         chunk_keys = torch.arange(nb * chunk, device=q3.device).view(1, nb, 1, chunk)
         chunk_keys = chunk_keys.expand(g, nb, clusters, chunk).reshape(g, groups, chunk)
         chunk_ok = valid.view(g, nb, 1, chunk).expand(g, nb, clusters, chunk)
@@ -89,9 +86,7 @@ def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # 
         exact = _topk_exact_blocked(qp, kp, vp, group, keys, keys_ok, scale, causal=True)
     else:  # one block per cluster over its top-k history; the chunk's keys densely
         keys, start, end, ok = top_histories(top_idx, top_ok, nb * chunk)
-        removed_i, removed_z, *top_parts = top_products(
-            qp, kp, vp, logits, mu, ap, keys, start, end, ok, chunk, scale, softmax=True
-        )
+        top_parts = top_softmax_parts(qp, kp, vp, ap, keys, start, end, ok, chunk, scale)
         s_local = torch.matmul(qp.view(g, nb, chunk, d), kp.view(g, nb, chunk, d).mT) * scale
         s_local = s_local.masked_fill(~(tri & valid.view(g, nb, 1, chunk)), NEG_INF)
         local_parts = tuple(

@@ -1,9 +1,11 @@
-"""The top-k part of causal improved clustered attention on the torch path: each centroid's
-prefix top-k sets as key histories, and the per-query products over them."""
+"""The top-k part of causal improved clustered attention: the centroid weights' sums over each
+(chunk, cluster) top-k set (``top_removed``), and on the torch path each centroid's prefix
+top-k sets as key histories with the exact softmax over them (``top_softmax_parts``)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from verger.fast_attention.causal_clustered.scans import NEG_INF, safe_shift, softmax_parts
 from verger.fast_attention.clustered import query_blocks
@@ -38,14 +40,12 @@ def top_histories(top_idx: torch.Tensor, top_ok: torch.Tensor, n_keys: int):  # 
     return compact(positions, 0), compact(first, nb), compact(last + 1, 0), ok
 
 
-def top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, scale, softmax):  # type: ignore[no-untyped-def]
-    """Per query, over its top-k keys: Σ w v and Σ w with the centroid weights
-    w = exp(ℓ − mu), and (``softmax``) the ``softmax_parts`` of its exact scores.
+def top_softmax_parts(qp, kp, vp, group, keys, start, end, ok, chunk, scale):  # type: ignore[no-untyped-def]
+    """Per query, the ``softmax_parts`` of its exact scores over its top-k keys (torch path).
 
     Queries of one group share a block; a block's key list ``keys`` (G, groups, S) holds the
     keys of every chunk's set, and key t counts for a query in chunk b if start_t ≤ b < end_t.
-    ``logits`` (G, C, M) are the centroid logits; group ids are ``chunk·C + cluster`` or
-    ``cluster``.
+    Group ids are ``chunk·C + cluster`` or ``cluster``.
     """
     g, m, d = qp.shape
     blocks = query_blocks(qp, group, keys, ok, m)
@@ -60,11 +60,6 @@ def top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, sca
     # processed in buckets of similar counts, each padded to its own longest list
     lo = row_chunk.masked_fill(row_chunk < 0, m).amin(-1, keepdim=True)
     alive = blocks.key_ok & (start <= row_chunk.amax(-1, keepdim=True)) & (end > lo)  # type: ignore[operator]
-    row_shift = torch.zeros(blocks.queries.shape[0] * width, device=qp.device, dtype=qp.dtype)
-    row_shift = row_shift.index_copy(0, blocks.rows, safe_shift(mu).reshape(-1)).view(-1, width, 1)
-    clusters = logits.shape[1]
-    rows_of = torch.arange(g, device=qp.device)[:, None] * clusters + blocks.group % clusters
-    flat_logit = rows_of.reshape(-1, 1) * m + blocks.key_pos  # into logits.flatten()
     counts = alive.sum(-1)
     bucket = torch.ceil(torch.log2(counts.clamp_min(1).double())).long()
     results: list[torch.Tensor] = []
@@ -77,13 +72,9 @@ def top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, sca
         allowed = ok_s[:, None, :] & (st[:, None, :] <= rc) & (rc < en[:, None, :])
         flat = blocks.key_rows[sel].gather(1, keep).reshape(-1)
         v_sel = vp.reshape(-1, vp.shape[-1]).index_select(0, flat).view(len(sel), size, -1)
-        key_logits = logits.reshape(-1)[flat_logit[sel].gather(1, keep)].view(-1, 1, size)
-        w = torch.exp(key_logits.masked_fill(~allowed, NEG_INF) - row_shift[sel])
-        part = [torch.bmm(w, v_sel), w.sum(-1)]
-        if softmax:
-            k_sel = kp.reshape(-1, d).index_select(0, flat).view(len(sel), size, d)
-            scores = torch.bmm(blocks.queries[sel], k_sel.mT) * scale
-            part += softmax_parts(scores.masked_fill(~allowed, NEG_INF), v_sel)
+        k_sel = kp.reshape(-1, d).index_select(0, flat).view(len(sel), size, d)
+        scores = torch.bmm(blocks.queries[sel], k_sel.mT) * scale
+        part = softmax_parts(scores.masked_fill(~allowed, NEG_INF), v_sel)
         if not results:
             results = [t.new_zeros(counts.shape[0], *t.shape[1:]) for t in part]
         for out, t in zip(results, part):
@@ -92,3 +83,32 @@ def top_products(qp, kp, vp, logits, mu, group, keys, start, end, ok, chunk, sca
         t.reshape(-1, *t.shape[2:]).index_select(0, blocks.rows).view(g, m, *t.shape[2:])
         for t in results
     ]
+
+
+def top_removed(logits, vp, top_idx, top_ok, mu, group):  # type: ignore[no-untyped-def]
+    """Per query i, Σ over its top-k set of the centroid weights exp(ℓ − mu_i) v_j, and of
+    exp(ℓ − mu_i): (G, M, Dv) and (G, M).
+
+    Every query of a (chunk, cluster) group shares the group's set, and
+    exp(ℓ − mu_i) = exp(ℓ − m_g)·exp(m_g − mu_i) with m_g the set's largest logit, so the sums
+    are formed once per group, one weighted ``embedding_bag`` over the value rows, and scaled
+    per query (m_g ≤ mu_i: the set lies in earlier chunks, so nothing overflows).
+    ``logits`` (G, C, M) (differentiable), ``vp`` (G, M, Dv), ``top_idx`` / ``top_ok``
+    (G, C, nb, K), ``mu`` (G, M), ``group`` (G, M) = chunk·C + cluster.
+    """
+    g, c, nb, k = top_idx.shape
+    m_rows, dv = vp.shape[1], vp.shape[2]
+    ell = logits.gather(2, top_idx.reshape(g, c, nb * k)).view(g, c, nb, k)
+    ell = ell.masked_fill(~top_ok, NEG_INF)
+    m = safe_shift(ell.detach().amax(-1))  # (G, C, nb)
+    w = torch.exp(ell - m[..., None])  # 0 outside the set
+    rows = top_idx + torch.arange(g, device=vp.device).view(g, 1, 1, 1) * m_rows
+    sums = F.embedding_bag(
+        rows.reshape(-1, k), vp.reshape(-1, dv), per_sample_weights=w.reshape(-1, k), mode="sum"
+    )
+    # (chunk, cluster) order, as ``group`` indexes them
+    sums = sums.view(g, c, nb, dv).transpose(1, 2).reshape(g, nb * c, dv)
+    norms = w.sum(-1).transpose(1, 2).reshape(g, nb * c)
+    scale = torch.exp(m.transpose(1, 2).reshape(g, nb * c).gather(1, group) - safe_shift(mu))
+    picked = sums.gather(1, group[..., None].expand(-1, -1, dv))
+    return scale[..., None] * picked, scale * norms.gather(1, group)
