@@ -104,7 +104,8 @@ def test_demo_refuses_to_resume_other_settings(tmp_path):
         main([*args, "--steps", "2", "--attentions", "sofmax"])
     with pytest.raises(ValueError, match="--checkpoint-every -1: must be >= 0"):
         main([*args, "--steps", "2", "--checkpoint-every", "-1"])
-    with pytest.raises(ValueError, match="--steps 1: must be >= 2"):
-        main([*args, "--steps", "1"])
+    for steps in ("1", "0"):  # 0 is not "the default"
+        with pytest.raises(ValueError, match=f"--steps {steps}: must be >= 2"):
+            main([*args, "--steps", steps])
     assert main([*args, "--steps", "3"]) == 0  # without --resume: starts over
     assert json.loads((tmp_path / "checkpoints" / "run.json").read_text())["steps"] == 3

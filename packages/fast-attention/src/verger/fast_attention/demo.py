@@ -179,7 +179,7 @@ def _train(
 def run_demo(args: argparse.Namespace) -> Report:
     quick = bool(args.quick)
     seq_len, batch = (128, 8) if quick else (256, 16)
-    steps = args.steps or (60 if quick else 800)
+    steps = args.steps if args.steps is not None else (60 if quick else 800)
     if steps < 2:
         raise ValueError(f"--steps {steps}: must be >= 2 (throughput is a median step time)")
     names = list(dict.fromkeys(args.attentions or ATTENTIONS))
