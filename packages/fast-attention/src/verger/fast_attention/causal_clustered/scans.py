@@ -14,8 +14,12 @@ NEG_INF = float("-inf")
 
 
 def safe_shift(m: torch.Tensor) -> torch.Tensor:
-    """A max of logits usable as a shift: −inf (no valid key yet) becomes 0."""
-    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    """A max of logits usable as a shift: −inf (no valid key yet) becomes 0.
+
+    One kernel (``isinf`` + ``zeros_like`` + ``where`` were three): on a GPU these scans are
+    bound by launches.
+    """
+    return torch.nan_to_num(m, nan=float("nan"), posinf=0.0, neginf=0.0)
 
 
 def use_log_depth(logits: torch.Tensor, log_depth: bool | None) -> bool:
@@ -30,9 +34,11 @@ def rescaled_sum(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(max, Σ e^(ℓ−max) v, Σ e^(ℓ−max)) of the union of two disjoint sets of logits."""
     new_m = torch.maximum(a[0], b[0])
-    fa = torch.exp(a[0] - safe_shift(new_m))  # exp(−inf) = 0: an empty side adds nothing
-    fb = torch.exp(b[0] - safe_shift(new_m))
-    return new_m, a[1] * fa[..., None] + b[1] * fb[..., None], a[2] * fa + b[2] * fb
+    shift = safe_shift(new_m)
+    fa = torch.exp(a[0] - shift)  # exp(−inf) = 0: an empty side adds nothing
+    fb = torch.exp(b[0] - shift)
+    sums = torch.addcmul(a[1] * fa[..., None], b[1], fb[..., None])
+    return new_m, sums, torch.addcmul(a[2] * fa, b[2], fb)
 
 
 def chunk_prefix(
