@@ -46,6 +46,22 @@ def test_matches_the_per_query_reference(topk, chunk, padded):
     assert_close(out, ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("topk", [None, 4])
+def test_centroid_logits_far_below_zero_stay_finite(topk):
+    # every key at centroid logit ≈ −100 (fp32): exp(−100) underflows, so every sum must keep
+    # its own shift (the first chunk's empty top-k set included: a shift of 0 there overflows)
+    q, _, v, c = _inputs(h=2, n=40, clusters=1, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    toward = -c[None, :, :1] / c[None, :, :1].square().sum(-1, keepdim=True) * 100 * 8**0.5
+    k = toward.expand(2, 2, 40, 8) + 0.01 * torch.randn(2, 2, 40, 8, generator=g)
+    out = causal_clustered_attention(q, k, v, c, topk=topk, chunk_size=8)
+    ref = causal_clustered_attention_reference(
+        q.double(), k.double(), v.double(), c.double(), topk=topk, chunk_size=8
+    )
+    assert torch.isfinite(out).all()
+    assert_close(out.double(), ref, rtol=1e-4)
+
+
 @pytest.mark.parametrize("chunk", [5, 64])
 def test_top_k_over_every_earlier_key_is_causal_softmax(chunk):
     q, k, v, c = _inputs()

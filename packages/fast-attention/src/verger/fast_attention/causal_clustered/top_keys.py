@@ -92,7 +92,8 @@ def top_removed(logits, vp, top_idx, top_ok, mu, group):  # type: ignore[no-unty
     Every query of a (chunk, cluster) group shares the group's set, and
     exp(ℓ − mu_i) = exp(ℓ − m_g)·exp(m_g − mu_i) with m_g the set's largest logit, so the sums
     are formed once per group, one weighted ``embedding_bag`` over the value rows, and scaled
-    per query (m_g ≤ mu_i: the set lies in earlier chunks, so nothing overflows).
+    per query (m_g ≤ mu_i: the set lies in earlier chunks, so nothing overflows; an empty
+    set has m_g = −inf and adds 0).
     ``logits`` (G, C, M) (differentiable), ``vp`` (G, M, Dv), ``top_idx`` / ``top_ok``
     (G, C, nb, K), ``mu`` (G, M), ``group`` (G, M) = chunk·C + cluster.
     """
@@ -100,8 +101,8 @@ def top_removed(logits, vp, top_idx, top_ok, mu, group):  # type: ignore[no-unty
     m_rows, dv = vp.shape[1], vp.shape[2]
     ell = logits.gather(2, top_idx.reshape(g, c, nb * k)).view(g, c, nb, k)
     ell = ell.masked_fill(~top_ok, NEG_INF)
-    m = safe_shift(ell.detach().amax(-1))  # (G, C, nb)
-    w = torch.exp(ell - m[..., None])  # 0 outside the set
+    m = ell.detach().amax(-1)  # (G, C, nb); −inf for an empty set
+    w = torch.exp(ell - safe_shift(m)[..., None])  # 0 outside the set
     rows = top_idx + torch.arange(g, device=vp.device).view(g, 1, 1, 1) * m_rows
     sums = F.embedding_bag(
         rows.reshape(-1, k), vp.reshape(-1, dv), per_sample_weights=w.reshape(-1, k), mode="sum"
@@ -109,6 +110,7 @@ def top_removed(logits, vp, top_idx, top_ok, mu, group):  # type: ignore[no-unty
     # (chunk, cluster) order, as ``group`` indexes them
     sums = sums.view(g, c, nb, dv).transpose(1, 2).reshape(g, nb * c, dv)
     norms = w.sum(-1).transpose(1, 2).reshape(g, nb * c)
+    # exp(−inf) = 0 for an empty set: a shift of 0 there would overflow when mu_i < −88
     scale = torch.exp(m.transpose(1, 2).reshape(g, nb * c).gather(1, group) - safe_shift(mu))
     picked = sums.gather(1, group[..., None].expand(-1, -1, dv))
     return scale[..., None] * picked, scale * norms.gather(1, group)
