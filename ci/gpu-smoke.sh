@@ -94,20 +94,23 @@ launches = {
     "triton, 12 pointers": lambda: _touch12[(1,)](x, *ptrs, 1024, BLOCK=1024),
     "torch": lambda: x.add_(1),
 }
-try:  # the compiled kernel launched without JITFunction.run's binding and cache lookup
-    from triton.runtime import driver
-    ck = _touch[(1,)](x, 1024, BLOCK=1024)
-    dev = torch.cuda.current_device()
-    runner = ck[(1, 1, 1)]  # CompiledKernel.__getitem__: its own launcher (constexprs passed)
-    def direct():
-        stream = driver.active.get_current_stream(dev)
-        ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, x, 1024, 1024)
-    for name, fn in (("compiled[grid]", lambda: runner(x, 1024, 1024)), ("compiled.run", direct)):
+# the compiled kernel launched without JITFunction.run's binding and cache lookup, two ways
+# (each tried alone: the internals differ between Triton versions)
+from triton.runtime import driver
+ck = _touch[(1,)](x, 1024, BLOCK=1024)
+dev = torch.cuda.current_device()
+def via_getitem():  # CompiledKernel.__getitem__: its own launcher (constexprs passed too)
+    ck[(1, 1, 1)](x, 1024, 1024)
+def via_run():  # the launcher's signature since Triton 3.3
+    stream = driver.active.get_current_stream(dev)
+    ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, x, 1024, 1024)
+for name, fn in (("compiled[grid]", via_getitem), ("compiled.run", via_run)):
+    try:
         fn()
         torch.cuda.synchronize()
         launches[f"triton, {name}"] = fn
-except Exception as exc:  # noqa: BLE001
-    print("direct launch unavailable:", type(exc).__name__, exc, flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"direct launch {name} unavailable:", type(exc).__name__, exc, flush=True)
 for name, launch in launches.items():
     for _ in range(50):
         launch()
