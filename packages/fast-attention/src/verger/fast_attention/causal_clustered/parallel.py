@@ -10,11 +10,9 @@ import torch.nn.functional as F
 from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
 from verger.fast_attention.causal_clustered.centroids import assign_to_centroids, check_centroids
 from verger.fast_attention.causal_clustered.scans import (
-    NEG_INF,
     chunk_prefix,
     merge_softmax,
     prefix_topk,
-    safe_shift,
     softmax_parts,
 )
 from verger.fast_attention.causal_clustered.state import (
@@ -31,6 +29,7 @@ from verger.fast_attention.clustered import _rows, _topk_exact_blocked
 from verger.fast_attention.feature_maps import compute_dtype
 from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.gathered_attention.triton import MAX_DIM, MAX_KEYS
+from verger.fast_attention.ops.rescaled_scan import NEG_INF, safe_shift
 
 
 def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # type: ignore[no-untyped-def]
@@ -47,7 +46,7 @@ def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # 
     clusters = c3.shape[1]
     lc = logits.view(g, clusters, nb, chunk)
     vc = vp.view(g, nb, chunk, -1)
-    shift, sums, norms = chunk_prefix(lc, vc)
+    shift, sums, norms = chunk_prefix(lc, vc, backend=backend)
 
     ap = F.pad(a3, (0, extra))  # padded query rows are dropped at the end
     chunk_of_query = torch.arange(nb, device=q3.device).repeat_interleave(chunk)[None, :]

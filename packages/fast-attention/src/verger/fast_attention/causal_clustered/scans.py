@@ -10,16 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NEG_INF = float("-inf")
-
-
-def safe_shift(m: torch.Tensor) -> torch.Tensor:
-    """A max of logits usable as a shift: −inf (no valid key yet) becomes 0.
-
-    One kernel (``isinf`` + ``zeros_like`` + ``where`` were three): on a GPU these scans are
-    bound by launches.
-    """
-    return torch.nan_to_num(m, nan=float("nan"), posinf=0.0, neginf=0.0)
+from verger.fast_attention.ops.rescaled_scan import (
+    NEG_INF,
+    rescaled_prefix,
+    rescaled_prefix_reference,
+    rescaled_sum,
+    safe_shift,
+)
 
 
 def use_log_depth(logits: torch.Tensor, log_depth: bool | None) -> bool:
@@ -28,34 +25,28 @@ def use_log_depth(logits: torch.Tensor, log_depth: bool | None) -> bool:
     return logits.is_cuda if log_depth is None else log_depth
 
 
-def rescaled_sum(
-    a: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    b: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(max, Σ e^(ℓ−max) v, Σ e^(ℓ−max)) of the union of two disjoint sets of logits."""
-    new_m = torch.maximum(a[0], b[0])
-    shift = safe_shift(new_m)
-    fa = torch.exp(a[0] - shift)  # exp(−inf) = 0: an empty side adds nothing
-    fb = torch.exp(b[0] - shift)
-    sums = torch.addcmul(a[1] * fa[..., None], b[1], fb[..., None])
-    return new_m, sums, torch.addcmul(a[2] * fa, b[2], fb)
-
-
 def chunk_prefix(
-    logits: torch.Tensor, v: torch.Tensor, log_depth: bool | None = None
+    logits: torch.Tensor,
+    v: torch.Tensor,
+    log_depth: bool | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exclusive prefix over chunks of each centroid's weighted sums, with a running max.
 
     ``logits`` (G, C, nb, L), ``v`` (G, nb, L, Dv). Returns ``shift`` (G, nb, C): max logit
     over the chunks before b (−inf for b = 0), and ``sums`` (G, nb, C, Dv), ``norms``
-    (G, nb, C): Σ over those chunks of exp(ℓ − shift) v and exp(ℓ − shift).
+    (G, nb, C): Σ over those chunks of exp(ℓ − shift) v and exp(ℓ − shift). The scan:
+    ``backend="triton"`` one Triton launch (``ops.rescaled_scan``); else log-depth on GPUs,
+    a loop over chunks on CPU (``log_depth`` forces either).
     """
     m = logits.detach().amax(-1)  # (G, C, nb): per-chunk max
     e = torch.exp(logits - safe_shift(m)[..., None])
     chunk_sums = torch.einsum("gcbl,gbld->gbcd", e, v)
     chunk_norms = e.sum(-1).transpose(1, 2)  # (G, nb, C)
     m = m.transpose(1, 2)
-    g, nb, c = chunk_norms.shape
+    nb = chunk_norms.shape[1]
+    if backend == "triton":
+        return rescaled_prefix(m, chunk_sums, chunk_norms, backend="triton")
     if use_log_depth(logits, log_depth):
         # Hillis-Steele: after the step with offset o, entry b holds chunks (b − 2o, b]
         run_m, run_s, run_z, o = m, chunk_sums, chunk_norms, 1
@@ -73,18 +64,7 @@ def chunk_prefix(
             F.pad(run_s[:, :-1], (0, 0, 0, 0, 1, 0)),
             F.pad(run_z[:, :-1], (0, 0, 1, 0)),
         )
-    run_m = logits.new_full((g, c), NEG_INF)
-    run_s = logits.new_zeros(g, c, v.shape[-1])
-    run_z = logits.new_zeros(g, c)
-    shifts, sums, norms = [], [], []
-    for b in range(nb):  # nb = N / chunk_size steps of O(C·Dv): a sequential scan is cheapest
-        shifts.append(run_m)
-        sums.append(run_s)
-        norms.append(run_z)
-        run_m, run_s, run_z = rescaled_sum(
-            (run_m, run_s, run_z), (m[:, b], chunk_sums[:, b], chunk_norms[:, b])
-        )
-    return torch.stack(shifts, 1), torch.stack(sums, 1), torch.stack(norms, 1)
+    return rescaled_prefix_reference(m, chunk_sums, chunk_norms)
 
 
 @torch.no_grad()

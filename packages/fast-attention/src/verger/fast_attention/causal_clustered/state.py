@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from verger.fast_attention.causal_clustered.scans import NEG_INF, safe_shift
 from verger.fast_attention.clustered import _rows
+from verger.fast_attention.ops.rescaled_scan import NEG_INF, safe_shift
 
 
 @dataclass

@@ -6,9 +6,9 @@ import torch
 
 from verger.fast_attention._checks import check_positive_int
 from verger.fast_attention.causal_clustered.centroids import check_centroids
-from verger.fast_attention.causal_clustered.scans import NEG_INF
 from verger.fast_attention.causal_clustered.state import ClusteredAttentionState, empty_state
 from verger.fast_attention.feature_maps import compute_dtype
+from verger.fast_attention.ops.rescaled_scan import NEG_INF
 
 
 @torch.no_grad()

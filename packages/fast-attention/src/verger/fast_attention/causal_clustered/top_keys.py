@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from verger.fast_attention.causal_clustered.scans import NEG_INF, safe_shift, softmax_parts
+from verger.fast_attention.causal_clustered.scans import softmax_parts
 from verger.fast_attention.clustered import query_blocks
+from verger.fast_attention.ops.rescaled_scan import NEG_INF, safe_shift
 
 
 def top_histories(top_idx: torch.Tensor, top_ok: torch.Tensor, n_keys: int):  # type: ignore[no-untyped-def]
