@@ -263,6 +263,8 @@ def test_loading_a_state_dict_decides_whether_the_centroids_are_seeded(monkeypat
     assert torch.equal(fresh.centroids.value, m.centroids.value)
     m.load_state_dict(_module().state_dict())  # an unseeded state: the next call seeds
     assert not m.centroids.is_ready()
+    del fresh.centroids._ready_host  # as unpickled from a version without the mirror
+    assert fresh.centroids.is_ready()
     with torch.no_grad():
         m.eval()(x)
     assert m.centroids.is_ready() and bool(m.centroids.ready)

@@ -80,9 +80,10 @@ class LearnedCentroids(torch.nn.Module):
 
     def is_ready(self) -> bool:
         """Whether the centroids were initialized (reads the buffer at most once per load)."""
-        if self._ready_host is None:
+        # getattr: a module pickled by an earlier version has no mirror yet
+        if getattr(self, "_ready_host", None) is None:
             self._ready_host = bool(self.ready)
-        return self._ready_host
+        return bool(self._ready_host)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
