@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from verger.core.kernels import triton_available
+from verger.core.kernels import interpreter_on, triton_available
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -19,3 +19,15 @@ def pick_backend(
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() and fits else "torch"
     return backend
+
+
+def require_triton(device: torch.device) -> None:
+    """Raise ``RuntimeError`` unless a Triton kernel can run on ``device``: triton installed,
+    and CUDA tensors (CPU ones only under the interpreter, ``TRITON_INTERPRET=1``)."""
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and not interpreter_on():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got {device} (on CPU it runs only under "
+            "the Triton interpreter, TRITON_INTERPRET=1 set before import)"
+        )

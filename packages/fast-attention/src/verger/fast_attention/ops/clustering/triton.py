@@ -16,11 +16,10 @@ is strictly greater.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from verger.core.kernels import next_power_of_2
+from verger.fast_attention.ops._backend import require_triton
 
 try:
     import triton
@@ -213,10 +212,6 @@ def launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
     }
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def check_assign_inputs(codes: torch.Tensor, centroids: torch.Tensor) -> None:
     """Raise unless codes (G, N, bits) and centroids (G, C ≥ 1, bits) are float tensors that
     agree in groups and bits and share a device (every backend's precondition)."""
@@ -241,14 +236,8 @@ def check_assign_inputs(codes: torch.Tensor, centroids: torch.Tensor) -> None:
 
 
 def _check(codes: torch.Tensor, centroids: torch.Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
     check_assign_inputs(codes, centroids)
-    if codes.device.type != "cuda" and not _interpreted():
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors, got {codes.device} (on CPU it runs only "
-            "under the Triton interpreter, TRITON_INTERPRET=1 set before import)"
-        )
+    require_triton(codes.device)
     if not 1 <= codes.shape[-1] <= MAX_BITS:
         raise ValueError(
             f"the triton kernel supports 1 <= bits <= {MAX_BITS}, got {codes.shape[-1]}"
@@ -326,7 +315,7 @@ def hamming_kmeans_triton(
     codes = codes.contiguous()
     w = None if weights is None else weights.to(torch.float32).contiguous()
     grid = (-(-n // meta["BN"]), g)
-    for t in range(iterations + 1):
+    for t in range(iterations + 1):  # without weights, `final` stands in (never read)
         _kmeans_step_kernel[grid](
             codes, final if w is None else w, assign, cent, final, votes, counts, changed,
             n, n_clusters, bits, t, iterations, HAS_WEIGHT=w is not None, **meta,

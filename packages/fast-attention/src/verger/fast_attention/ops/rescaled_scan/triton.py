@@ -15,9 +15,9 @@ shifts).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from verger.fast_attention.ops._backend import require_triton
 
 try:
     import triton
@@ -104,19 +104,8 @@ if HAS_TRITON:
             acc_z = tl.load(d_out_z_ptr + row, mask=mask_c, other=0.0) + r * acc_z
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check(*tensors: torch.Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    device = tensors[0].device
-    if device.type != "cuda" and not _interpreted():
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors, got {device} (on CPU it runs only under "
-            "the Triton interpreter, TRITON_INTERPRET=1 set before import)"
-        )
+    require_triton(tensors[0].device)
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in tensors):
         raise TypeError(
