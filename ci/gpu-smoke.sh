@@ -69,59 +69,13 @@ PY
 # The fused feature map vs features formed outside the kernels (the same Triton kernels) and
 # vs the sequential schedule, and where the time goes in one fp16 fwd+bwd (kernel tables).
 timeout 60 "$py" - <<'PY' 2>&1 | tee "$out/fa_profile.log" | tail -40
+import time
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from verger.core.bench import compare
 from verger.fast_attention import linear_attention
 from verger.fast_attention.ops.causal_linear import causal_linear, causal_linear_fused
-import time, triton, triton.language as tl
-
-@triton.jit
-def _touch(x_ptr, n, BLOCK: tl.constexpr):  # a near-empty kernel: host cost per launch
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
-
-@triton.jit
-def _touch12(x_ptr, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # the same work, 12 pointer args
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
-
-x = torch.zeros(1024, device="cuda")
-ptrs = [torch.zeros(16, device="cuda") for _ in range(11)]
-launches = {
-    "triton": lambda: _touch[(1,)](x, 1024, BLOCK=1024),
-    "triton, 12 pointers": lambda: _touch12[(1,)](x, *ptrs, 1024, BLOCK=1024),
-    "torch": lambda: x.add_(1),
-}
-# the compiled kernel launched without JITFunction.run's binding and cache lookup, two ways
-# (each tried alone: the internals differ between Triton versions)
-from triton.runtime import driver
-ck = _touch[(1,)](x, 1024, BLOCK=1024)
-dev = torch.cuda.current_device()
-def via_getitem():  # CompiledKernel.__getitem__: its own launcher (constexprs passed too)
-    ck[(1, 1, 1)](x, 1024, 1024)
-def via_run():  # the launcher's signature since Triton 3.3
-    stream = driver.active.get_current_stream(dev)
-    ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, x, 1024, 1024)
-for name, fn in (("compiled[grid]", via_getitem), ("compiled.run", via_run)):
-    try:
-        fn()
-        torch.cuda.synchronize()
-        launches[f"triton, {name}"] = fn
-    except Exception as exc:  # noqa: BLE001
-        print(f"direct launch {name} unavailable:", type(exc).__name__, exc, flush=True)
-for name, launch in launches.items():
-    for _ in range(50):
-        launch()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(2000):
-        launch()
-    host = (time.perf_counter() - t) / 2000 * 1e6
-    torch.cuda.synchronize()
-    print(f"host time per launch, {name}: {host:.1f} us", flush=True)
-print("x after the launches (each adds 1 to x[0]):", float(x[0]))
 for n in (8192, 32768):
     q, k, v = (torch.randn(1, 8, n, 64, device="cuda", dtype=torch.half, requires_grad=True) for _ in range(3))
     fused = lambda: linear_attention(q, k, v, causal=True).sum().backward()
@@ -145,6 +99,10 @@ for n in (8192, 32768):
             torch.cuda.synchronize()
         print(name, prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 PY
+
+# Host time per Triton launch (through kernel[grid] and straight through the compiled
+# launcher) against a torch op, and a cProfile of the host-bound fused step at 1k tokens.
+timeout 90 "$py" ci/gpu_launch_cost.py 2>&1 | tee "$out/fa_launch.log" | head -20
 
 if [ -n "${SKIP_CORE:-}" ]; then
   echo "gpu-smoke: fa tests rc=$fa_tests_rc fa bench rc=$fa_rc (core skipped)"

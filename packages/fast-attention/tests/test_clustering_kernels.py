@@ -89,6 +89,7 @@ def test_kmeans_triton_equals_torch(padded):
         (2, 33, 33, 17, 3),  # a cluster per row at the start
         (1, 70, 7, 1, 1),  # one bit, a single update
         (4, 129, 65, 64, 6),
+        (1, 1100, 70, 63, 4),  # blocks of 128 rows (KMEANS_WIDE_ROWS), nine of them
     ],
 )
 def test_kmeans_kernel_equals_the_torch_loop(g, n, c, bits, iterations):
@@ -240,8 +241,8 @@ def test_kmeans_step_kernel_does_not_spill_and_uses_tensor_cores():
                  "counts_ptr": "*fp32", "changed_ptr": "*i32", "n": "i32", "c": "i32",
                  "bits": "i32", "t": "i32", "iterations": "i32"}  # fmt: skip
     configs = []
-    for n_clusters, bits in [(100, 63), (8, 17)]:
-        meta = kernels.kmeans_launch_meta(n_clusters, bits)
+    for n_clusters, bits, n in [(100, 63, 0), (8, 17, 0), (100, 63, kernels.KMEANS_WIDE_ROWS)]:
+        meta = kernels.kmeans_launch_meta(n_clusters, bits, n)
         warps = meta.pop("num_warps")
         meta["HAS_WEIGHT"] = True  # the variant with one more load
         configs.append(KernelConfig(kernels._kmeans_step_kernel, signature, meta, warps))

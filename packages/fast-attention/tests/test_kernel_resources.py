@@ -37,9 +37,9 @@ def _configs(
     signatures = {
         "states": {"k_ptr": t, "v_ptr": t, "states_ptr": f, **SIZES},
         "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "states_ptr": f, "out_ptr": o,
-                    "d_ptr": f, **SIZES, "eps": "fp32"},
+                    "res_ptr": o, "d_ptr": f, **SIZES, "eps": "fp32"},
         "backward_states": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "out_ptr": o,
-                            "d_ptr": f, "w_ptr": f, "states_ptr": f, "rev_ptr": f, **SIZES},
+                            "res_ptr": o, "d_ptr": f, "w_ptr": f, "states_ptr": f, "rev_ptr": f, **SIZES},
         "grads": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
                   "states_ptr": f, "rev_ptr": f, "dq_ptr": o, "dk_ptr": o, "dv_ptr": o,
                   **SIZES},
@@ -52,7 +52,8 @@ def _configs(
     }
     out = []
     for name, fn in fns.items():
-        meta = plan.meta(name, normalize=True)
+        # a 16-bit output is saved with its rounding residual (fused path)
+        meta = dict(plan.meta(name, normalize=True, residual=fused and dtype != "fp32"))
         warps = meta.pop("num_warps")
         out.append((name, KernelConfig(fn, signatures[name], meta, num_warps=warps)))
     out.append(
@@ -152,10 +153,10 @@ def _sequential_configs(dtype: str, arch: int) -> list[tuple[str, KernelConfig]]
     t, f = f"*{dtype}", "*fp32"
     dims = {"n": "i32", "dk": "i32", "dv": "i32"}
     signatures = {
-        "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "out_ptr": t, "d_ptr": f, **dims,
-                    "eps": "fp32"},
-        "dq": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "out_ptr": t, "d_ptr": f,
-               "w_ptr": f, "dq_ptr": t, **dims},
+        "forward": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "out_ptr": t, "res_ptr": t, "d_ptr": f,
+                    **dims, "eps": "fp32"},
+        "dq": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "out_ptr": t, "res_ptr": t,
+               "d_ptr": f, "w_ptr": f, "dq_ptr": t, **dims},
         "dkv": {"q_ptr": t, "k_ptr": t, "v_ptr": t, "do_ptr": t, "d_ptr": f, "w_ptr": f,
                 "dk_ptr": t, "dv_ptr": t, **dims},
     }  # fmt: skip
@@ -163,7 +164,7 @@ def _sequential_configs(dtype: str, arch: int) -> list[tuple[str, KernelConfig]]
            "dkv": seq._seq_dkv_kernel}  # fmt: skip
     out = []
     for name, fn in fns.items():
-        meta = seq.sequential_meta(plan, name)
+        meta = seq.sequential_meta(plan, name, residual=dtype != "fp32")
         warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
         out.append((name, KernelConfig(fn, signatures[name], meta, warps, stages)))
     return out

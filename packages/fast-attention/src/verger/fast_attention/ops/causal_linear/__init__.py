@@ -157,23 +157,25 @@ class _CausalLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         if backend == "triton":
             # Fused feature map: out and gradients in the inputs' dtypes (no conversions).
-            out, den = triton_forward(
+            # A 16-bit out comes with its rounding residual `res` for the backward.
+            out, den, res = triton_forward(
                 q, k, v, eps=eps, normalize=True, chunk_size=chunk_size, feature_map=feature_map,
                 out_dtype=v.dtype if feature_map else torch.float32, schedule=schedule,
             )  # fmt: skip
         else:
             out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
-        ctx.save_for_backward(q, k, v, out, den)
+            res = None
+        ctx.save_for_backward(q, k, v, out, den, res)
         ctx.eps, ctx.backend, ctx.chunk_size = eps, backend, chunk_size
         ctx.feature_map, ctx.schedule = feature_map, schedule
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, den = ctx.saved_tensors
+        q, k, v, out, den, res = ctx.saved_tensors
         if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
             dq, dk, dv = triton_backward(
-                q, k, v, out, den, grad_out, chunk_size=ctx.chunk_size,
+                q, k, v, out, den, grad_out, res=res, chunk_size=ctx.chunk_size,
                 feature_map=ctx.feature_map, schedule=ctx.schedule,
                 grad_dtype=q.dtype if ctx.feature_map else torch.float32,
             )  # fmt: skip

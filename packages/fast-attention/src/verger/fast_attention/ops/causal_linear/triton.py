@@ -41,11 +41,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from verger.core.kernels import next_power_of_2
+from verger.fast_attention.ops._launch import Launcher
 
 try:
     import triton
@@ -60,6 +63,7 @@ MAX_GRID_Z = 65535  # batch*heads rides on a grid axis limited to this
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 FUSED_FEATURE_MAPS = ("elu",)  # feature maps the kernels can apply to raw q, k on load
 DEFAULT_CHUNK = 64
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The chunk scan's tiles: 16 chunks per tl.cumsum step, 128 state elements per program.
 SCAN_META = {"BC": 16, "BE": 128}
 
@@ -87,6 +91,24 @@ if HAS_TRITON:
             value,
             mask=_rows_mask(n, width, rows, cols),
         )
+
+    @triton.jit
+    def _store_with_residual(out_ptr, res_ptr, bh, n, width, rows, cols, value,
+                             RESIDUAL: tl.constexpr):  # fmt: skip
+        """Store an fp32 (rows, cols) tile in out_ptr's dtype and, with ``RESIDUAL``, what that
+        rounding lost (in the same dtype) in res_ptr: together ~2x the mantissa bits."""
+        if RESIDUAL:  # first, so the rounded tile need not live beside the fp32 one
+            rounded = value.to(out_ptr.dtype.element_ty).to(tl.float32)
+            _rows_store(res_ptr, bh, n, width, rows, cols, value - rounded)
+        _rows_store(out_ptr, bh, n, width, rows, cols, value.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _saved_output(out_ptr, res_ptr, bh, n, dv, rows, cols, RESIDUAL: tl.constexpr):
+        """A (rows, cols) fp32 tile of the forward's output, its residual added back."""
+        out = _rows_tile(out_ptr, bh, n, dv, rows, cols).to(tl.float32)
+        if RESIDUAL:
+            out += _rows_tile(res_ptr, bh, n, dv, rows, cols).to(tl.float32)
+        return out
 
     @triton.jit
     def _elu_plus_one(x):
@@ -210,10 +232,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _reverse_state_tile(
-        q_ptr, do_ptr, out_ptr, d_ptr, w_ptr, base, bh, n, dk, dv, rows, mask_t, kb, vb,
+        q_ptr, do_ptr, out_ptr, res_ptr, d_ptr, w_ptr, base, bh, n, dk, dv, rows, mask_t, kb, vb,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, V_BLOCKS: tl.constexpr,
         NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
-        FEATURE: tl.constexpr,
+        FEATURE: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         """One tile of a chunk's local reversed state ``[Q_cᵀ G_c, Σ_t r_t q_t]`` with
         ``G = dO / d`` and ``r = −w / d`` (unnormalized: ``[Q_cᵀ dO_c]``). The first value
@@ -234,7 +256,8 @@ if HAS_TRITON:
                 for b in tl.static_range(V_BLOCKS):
                     offs = b * BV + tl.arange(0, BV)
                     do_b = _rows_tile(do_ptr, bh, n, dv, rows, offs).to(tl.float32)
-                    w += tl.sum(do_b * _rows_tile(out_ptr, bh, n, dv, rows, offs), axis=1)
+                    out_b = _saved_output(out_ptr, res_ptr, bh, n, dv, rows, offs, RESIDUAL)
+                    w += tl.sum(do_b * out_b, axis=1)
                 tl.store(w_ptr + bh * n + rows, w, mask=mask_t & (kb == 0))
                 rz = tl.sum(qt * (-w / d)[None, :], axis=1)
                 tl.store(base + dk * dv + offs_k, rz, mask=offs_k < dk)
@@ -268,11 +291,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _backward_states_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, d_ptr, w_ptr, states_ptr, rev_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, res_ptr, d_ptr, w_ptr, states_ptr, rev_ptr,
         n, dk, dv, n_chunks, e_size,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, K_BLOCKS: tl.constexpr,
         V_BLOCKS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
-        STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr,
+        STATE_PRECISION: tl.constexpr, FEATURE: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         """Both local states of the backward in one launch: the first ``K_BLOCKS·V_BLOCKS``
         programs of a chunk recompute the forward's ``[K_cᵀ V_c, Σ k]`` (``states``), as
@@ -286,9 +309,10 @@ if HAS_TRITON:
         else:
             tile = pid - K_BLOCKS * V_BLOCKS
             _reverse_state_tile(
-                q_ptr, do_ptr, out_ptr, d_ptr, w_ptr, _chunk_base(rev_ptr, bh, n_chunks, e_size),
+                q_ptr, do_ptr, out_ptr, res_ptr, d_ptr, w_ptr,
+                _chunk_base(rev_ptr, bh, n_chunks, e_size),
                 bh, n, dk, dv, rows, mask_t, tile // V_BLOCKS, tile % V_BLOCKS,
-                BT, BK, BV, V_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION, FEATURE,
+                BT, BK, BV, V_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION, FEATURE, RESIDUAL,
             )  # fmt: skip
 
     @triton.jit
@@ -329,6 +353,7 @@ if HAS_TRITON:
         v_ptr,
         states_ptr,
         out_ptr,
+        res_ptr,
         d_ptr,
         n,
         dk,
@@ -344,12 +369,12 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         STATE_PRECISION: tl.constexpr,
         FEATURE: tl.constexpr,
+        RESIDUAL: tl.constexpr,
     ):
         """One chunk, one value block: out = (tril(Q Kᵀ) V + Q S_c) / d, d = den + eps; out is
-        stored in out_ptr's dtype."""
+        stored in out_ptr's dtype and, with ``RESIDUAL``, its rounding error in res_ptr."""
         pid_v, bh, offs_t, rows, mask_t, base = _chunk_program(states_ptr, n, n_chunks, e_size, BT)
         offs_v = pid_v * BV + tl.arange(0, BV)
-        mv = mask_t[:, None] & (offs_v < dv)[None, :]
         scores, inter, qz = _over_keys(
             q_ptr, k_ptr, base, bh, n, dk, dv, rows, offs_v,
             BT, BK, BV, K_BLOCKS, NORMALIZE, PRECISION, STATE_PRECISION, FEATURE,
@@ -365,7 +390,7 @@ if HAS_TRITON:
             tl.store(d_ptr + bh * n + rows, d, mask=mask_t & (pid_v == 0))
         else:
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION) + inter
-        tl.store(out_ptr + bh * n * dv + rows[:, None] * dv + offs_v[None, :], out, mask=mv)
+        _store_with_residual(out_ptr, res_ptr, bh, n, dv, rows, offs_v, out, RESIDUAL)
 
     @triton.jit
     def _dq_block(
@@ -492,6 +517,21 @@ if HAS_TRITON:
                 )  # fmt: skip
 
 
+# One Launcher per kernel: after its first call per specialization it skips Triton's
+# argument binding (see ops/_launch.py).
+_LAUNCH: dict[str, Launcher] = (
+    {
+        "states": Launcher(_chunk_states_kernel),
+        "scan": Launcher(_exclusive_scan_kernel),
+        "forward": Launcher(_forward_kernel),
+        "backward_states": Launcher(_backward_states_kernel),
+        "grads": Launcher(_grads_kernel),
+    }
+    if HAS_TRITON
+    else {}
+)
+
+
 def _device_arch(device: torch.device) -> int:
     """Compute capability as an int (90 for H100); 90 off CUDA (the interpreter)."""
     if device.type != "cuda":
@@ -545,7 +585,7 @@ class _Plan:
                 f"{bh}; use backend='torch' or split the batch"
             )
         self.dtype = q.dtype
-        low = q.dtype in (torch.float16, torch.bfloat16)
+        low = q.dtype in LOW_PRECISION
         # 16-bit dots use the tensor cores whatever the setting; fp32 dots follow `precision`.
         self.prec = "tf32" if low else (precision or "tf32x3")
         self.state_prec = "tf32x3" if low else self.prec
@@ -569,10 +609,20 @@ class _Plan:
         self.n_chunks = _cdiv(self.n, self.bt)
         # Per chunk: [S (dk x dv), z (dk)]; the unnormalized product has no z.
         self.e_size = self.dk * self.dv + (self.dk if normalize else 0)
+        self.bh = bh
+        self._metas: dict[tuple[str, bool, bool], Mapping[str, Any]] = {}
 
-    def meta(self, kernel: str, *, normalize: bool) -> dict[str, Any]:
-        """Compile-time arguments and ``num_warps`` of one kernel: the launches use these, and
-        the resource tests compile exactly them (8 warps: 4 spill at 64 x 64 tiles)."""
+    def meta(self, kernel: str, *, normalize: bool, residual: bool = False) -> Mapping[str, Any]:
+        """Compile-time arguments and ``num_warps`` of one kernel, built once per plan (a
+        read-only mapping): the launches use these, and the resource tests compile exactly
+        them (8 warps: 4 spill at 64 x 64 tiles). ``residual``: a 16-bit output saved with its
+        rounding residual (``forward`` and ``backward_states``)."""
+        key = (kernel, normalize, residual)
+        if key not in self._metas:
+            self._metas[key] = MappingProxyType(self._meta(kernel, normalize, residual))
+        return self._metas[key]
+
+    def _meta(self, kernel: str, normalize: bool, residual: bool) -> dict[str, Any]:
         tiles = {"BT": self.bt, "BK": self.bk, "BV": self.bv}
         blocks = {"K_BLOCKS": self.k_blocks, "V_BLOCKS": self.v_blocks}
         dots = {"PRECISION": self.prec, "STATE_PRECISION": self.state_prec,
@@ -581,20 +631,22 @@ class _Plan:
             return {**tiles, "V_BLOCKS": self.v_blocks, "WITH_Z": normalize,
                     "PRECISION": self.prec, "FEATURE": self.feature, "num_warps": 4}  # fmt: skip
         if kernel == "forward":
-            return {**tiles, "K_BLOCKS": self.k_blocks, "NORMALIZE": normalize, **dots}
+            return {**tiles, "K_BLOCKS": self.k_blocks, "NORMALIZE": normalize,
+                    "RESIDUAL": residual, **dots}  # fmt: skip
         if kernel == "backward_states":
-            return {**tiles, **blocks, "NORMALIZE": normalize, **dots}
+            return {**tiles, **blocks, "NORMALIZE": normalize, "RESIDUAL": residual, **dots}
         if kernel == "grads":
             return {**tiles, **blocks, "NORMALIZE": normalize,
                     "INTRA_PRECISION": self.intra_prec, **dots}  # fmt: skip
         raise ValueError(f"unknown kernel {kernel!r}")
 
     def flat(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``t`` as a contiguous (batch·head, n, ·) tensor in ``dtype`` (the plan's default)."""
+        """``t`` contiguous in ``dtype`` (the plan's default): the kernels read a (..., n, ·)
+        tensor as (batch·head, n, ·) rows, so no reshape is needed (each costs host time)."""
         dtype = dtype or self.dtype
         if t.dtype != dtype:
             t = t.to(dtype)
-        return t.reshape(-1, self.n, t.shape[-1]).contiguous()
+        return t if t.is_contiguous() else t.contiguous()
 
     def backward_buffers(
         self,
@@ -604,14 +656,26 @@ class _Plan:
         grad_out: torch.Tensor,
         grad_dtype: torch.dtype,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """The flat (batch·head, n, ·) inputs of a backward and its empty dq, dk, dv."""
+        """The contiguous inputs of a backward and its empty dq, dk, dv (in the inputs'
+        shapes)."""
         inputs = tuple(self.flat(t) for t in (q, k, v, grad_out))
-        bh = inputs[0].shape[0]
-        dq = torch.empty(bh, self.n, self.dk, device=q.device, dtype=grad_dtype)
-        dv = torch.empty(bh, self.n, self.dv, device=q.device, dtype=grad_dtype)
+        dq = torch.empty(q.shape, device=q.device, dtype=grad_dtype)
+        dv = torch.empty(v.shape, device=q.device, dtype=grad_dtype)
         return inputs, (dq, torch.empty_like(dq), dv)
 
-    def grid(self, kernel: str, bh: int) -> tuple[int, int, int]:
+    def output_buffers(
+        self, device: torch.device, out_dtype: torch.dtype, normalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Empty ``(out, d, res)`` of a forward: ``d`` when normalized, ``res`` (``out``'s
+        rounding residual) when normalized with a 16-bit ``out``."""
+        rows = (*self.batch, self.n)
+        out = torch.empty((*rows, self.dv), device=device, dtype=out_dtype)
+        if not normalize:
+            return out, None, None
+        d = torch.empty(rows, device=device, dtype=torch.float32)
+        return out, d, (torch.empty_like(out) if out_dtype in LOW_PRECISION else None)
+
+    def grid(self, kernel: str) -> tuple[int, int, int]:
         """(chunks, programs per chunk, batch·head) of a chunk-parallel kernel."""
         tiles = self.k_blocks * self.v_blocks
         blocks = {
@@ -620,18 +684,22 @@ class _Plan:
             "forward": self.v_blocks,
             "grads": 2 * self.k_blocks + self.v_blocks,  # dq, dk, dv blocks
         }[kernel]
-        return (self.n_chunks, blocks, bh)
+        return (self.n_chunks, blocks, self.bh)
 
-    def empty_states(self, bh: int, device: torch.device) -> torch.Tensor:
-        """An uninitialized (batch·head, chunks, E) fp32 buffer of per-chunk states."""
-        return torch.empty(bh, self.n_chunks, self.e_size, device=device, dtype=torch.float32)
+    def empty_states(self, device: torch.device, count: int = 1) -> tuple[torch.Tensor, ...]:
+        """``count`` uninitialized (batch·head, chunks, E) fp32 buffers of per-chunk states
+        (from one allocation)."""
+        shape = (self.bh, self.n_chunks, self.e_size)
+        if count == 1:
+            return (torch.empty(shape, device=device, dtype=torch.float32),)
+        return torch.empty((count, *shape), device=device, dtype=torch.float32).unbind(0)
 
     def scan(self, states: torch.Tensor, rev: torch.Tensor | None = None) -> None:
         """In place: each chunk's state in ``states`` becomes the sum over the chunks before
         it and, in ``rev`` when given, over the chunks after it (one launch for both)."""
-        grid = (_cdiv(self.e_size, SCAN_META["BE"]), states.shape[0], 1 if rev is None else 2)
-        _exclusive_scan_kernel[grid](
-            states, states if rev is None else rev, self.n_chunks, self.e_size, **SCAN_META
+        grid = (_cdiv(self.e_size, SCAN_META["BE"]), self.bh, 1 if rev is None else 2)
+        _LAUNCH["scan"](
+            grid, (states, states if rev is None else rev, self.n_chunks, self.e_size), SCAN_META
         )
 
 
@@ -682,34 +750,35 @@ def causal_linear_forward_triton(
     precision: str | None = None,
     feature_map: str | None = None,
     out_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Causal linear attention on features (normalized) or the causal product (not).
 
-    Returns ``(out, d)``: ``out`` (..., N, Dv) in ``out_dtype`` (fp32 accumulation whatever
-    it is) and ``d = den + eps`` (..., N) float32 when ``normalize`` (``None`` otherwise),
-    which the backward needs. ``feature_map="elu"``: q and k are raw inputs, mapped by
-    φ = elu + 1 inside the kernels (no feature tensors are formed). Three launches: the
-    chunk-local states, their scan, the outputs.
+    Returns ``(out, d, res)``: ``out`` (..., N, Dv) in ``out_dtype`` (fp32 accumulation
+    whatever it is); ``d = den + eps`` (..., N) float32 when ``normalize`` (``None``
+    otherwise); ``res``, when ``normalize`` and ``out_dtype`` is 16-bit, what rounding ``out``
+    lost (``None`` otherwise). The backward needs ``d`` and ``out + res``: its dq is a
+    difference of two terms that cancel to ~1/√N of their size, so an output rounded to bf16
+    would put ~25 % errors in dq at 32k tokens. ``feature_map="elu"``: q and k are raw inputs,
+    mapped by φ = elu + 1 inside the kernels (no feature tensors are formed). Three launches:
+    the chunk-local states, their scan, the outputs.
     """
     plan = plan_for(q, v, chunk_size, precision, normalize, feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
-    bh = q3.shape[0]
-    out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=out_dtype)
-    d = torch.empty(bh, plan.n, device=q.device, dtype=torch.float32) if normalize else None
-    if plan.n and bh:
-        states = plan.empty_states(bh, q.device)
-        _chunk_states_kernel[plan.grid("states", bh)](
-            k3, v3, states, plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size,
-            **plan.meta("states", normalize=normalize),
-        )  # fmt: skip
+    out, d, res = plan.output_buffers(q.device, out_dtype, normalize)
+    if plan.n and plan.bh:
+        (states,) = plan.empty_states(q.device)
+        sizes = (plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size)
+        _LAUNCH["states"](
+            plan.grid("states"), (k3, v3, states, *sizes), plan.meta("states", normalize=normalize)
+        )
         plan.scan(states)
-        _forward_kernel[plan.grid("forward", bh)](
-            q3, k3, v3, states, out, d if normalize else out,
-            plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size, float(eps),
-            **plan.meta("forward", normalize=normalize),
+        _LAUNCH["forward"](
+            plan.grid("forward"),
+            (q3, k3, v3, states, out, out if res is None else res, out if d is None else d,
+             *sizes, float(eps)),
+            plan.meta("forward", normalize=normalize, residual=res is not None),
         )  # fmt: skip
-    out = out.view(*plan.batch, plan.n, plan.dv)
-    return out, (d.view(*plan.batch, plan.n) if d is not None else None)
+    return out, d, res
 
 
 def causal_linear_backward_triton(
@@ -720,13 +789,14 @@ def causal_linear_backward_triton(
     d: torch.Tensor | None,
     grad_out: torch.Tensor,
     *,
+    res: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     precision: str | None = None,
     feature_map: str | None = None,
     grad_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``causal_linear_forward_triton`` from its ``out`` and ``d``; both are
-    ``None`` for the unnormalized product. Returns (dq, dk, dv) in ``grad_dtype``, with
+    """Gradients of ``causal_linear_forward_triton`` from its ``out``, ``d`` and ``res``;
+    ``out`` and ``d`` are ``None`` for the unnormalized product. Returns (dq, dk, dv) in ``grad_dtype``, with
     respect to the raw q, k when ``feature_map`` is fused (as in the forward).
 
     Three launches: both chunk-local states (the forward's, recomputed rather than saved, and
@@ -737,26 +807,27 @@ def causal_linear_backward_triton(
         raise ValueError("the normalized backward needs the forward's output")
     plan = plan_for(q, v, chunk_size, precision, normalize, feature_map)
     (q3, k3, v3, do3), (dq, dk, dv) = plan.backward_buffers(q, k, v, grad_out, grad_dtype)
-    bh = q3.shape[0]
-    if plan.n and bh:
-        out3 = d3 = w3 = do3  # placeholders when unnormalized (never read or written)
+    if plan.n and plan.bh:
+        out3 = res3 = d3 = w3 = do3  # placeholders when unnormalized (never read or written)
         if d is not None and out is not None:
             out3 = plan.flat(out, out.dtype)
-            d3 = d.reshape(bh, plan.n).contiguous()
+            res3 = out3 if res is None else plan.flat(res, res.dtype)
+            d3 = plan.flat(d, torch.float32)
             w3 = torch.empty_like(d3)  # w = do · out per position, formed with the states
         sizes = (plan.n, plan.dk, plan.dv, plan.n_chunks, plan.e_size)
-        states, rev = plan.empty_states(bh, q.device), plan.empty_states(bh, q.device)
-        _backward_states_kernel[plan.grid("backward_states", bh)](
-            q3, k3, v3, do3, out3, d3, w3, states, rev, *sizes,
-            **plan.meta("backward_states", normalize=normalize),
+        states, rev = plan.empty_states(q.device, 2)
+        _LAUNCH["backward_states"](
+            plan.grid("backward_states"),
+            (q3, k3, v3, do3, out3, res3, d3, w3, states, rev, *sizes),
+            plan.meta("backward_states", normalize=normalize, residual=res is not None),
         )  # fmt: skip
         plan.scan(states, rev)
-        _grads_kernel[plan.grid("grads", bh)](
-            q3, k3, v3, do3, d3, w3, states, rev, dq, dk, dv, *sizes,
-            **plan.meta("grads", normalize=normalize),
+        _LAUNCH["grads"](
+            plan.grid("grads"),
+            (q3, k3, v3, do3, d3, w3, states, rev, dq, dk, dv, *sizes),
+            plan.meta("grads", normalize=normalize),
         )  # fmt: skip
-    shape = (*plan.batch, plan.n)
-    return dq.view(*shape, plan.dk), dk.view(*shape, plan.dk), dv.view(*shape, plan.dv)
+    return dq, dk, dv
 
 
 @torch.compiler.disable

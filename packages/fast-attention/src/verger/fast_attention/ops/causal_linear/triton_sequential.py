@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
+from verger.fast_attention.ops._launch import Launcher
 from verger.fast_attention.ops.causal_linear.triton import (
     HAS_TRITON,
+    LOW_PRECISION,
     _device_arch,
     _Plan,
     plan_for,
@@ -45,6 +47,8 @@ if HAS_TRITON:
         _feature_tile,
         _rows_store,
         _rows_tile,
+        _saved_output,
+        _store_with_residual,
     )
 
     @triton.jit
@@ -62,9 +66,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _seq_forward_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, d_ptr, n, dk, dv, eps,
+        q_ptr, k_ptr, v_ptr, out_ptr, res_ptr, d_ptr, n, dk, dv, eps,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         bh, offs_t, offs_k, offs_v = _program(BT, BK, BV)
         causal = offs_t[:, None] >= offs_t[None, :]
@@ -82,15 +86,15 @@ if HAS_TRITON:
             # normalized weights are in [0, 1] for non-negative features: safe in 16 bits
             out = tl.dot((scores * inv[:, None]).to(v.dtype), v, input_precision=PRECISION)
             out += tl.dot(q32, s, input_precision=STATE_PRECISION) * inv[:, None]
-            _rows_store(out_ptr, bh, n, dv, rows, offs_v, out)
+            _store_with_residual(out_ptr, res_ptr, bh, n, dv, rows, offs_v, out, RESIDUAL)
             tl.store(d_ptr + bh * n + rows, d, mask=rows < n)
             s, z = _advance(s, z, k, v, PRECISION)
 
     @triton.jit
     def _seq_dq_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, d_ptr, w_ptr, dq_ptr, n, dk, dv,
+        q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, res_ptr, d_ptr, w_ptr, dq_ptr, n, dk, dv,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
-        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         bh, offs_t, offs_k, offs_v = _program(BT, BK, BV)
         causal = offs_t[:, None] >= offs_t[None, :]
@@ -102,7 +106,8 @@ if HAS_TRITON:
             v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
             do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
             do32 = do.to(tl.float32)
-            w = tl.sum(do32 * _rows_tile(out_ptr, bh, n, dv, rows, offs_v).to(tl.float32), axis=1)
+            out = _saved_output(out_ptr, res_ptr, bh, n, dv, rows, offs_v, RESIDUAL)
+            w = tl.sum(do32 * out, axis=1)
             tl.store(w_ptr + bh * n + rows, w, mask=rows < n)
             d = tl.load(d_ptr + bh * n + rows, mask=rows < n, other=1.0)
             dov = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -158,6 +163,17 @@ if HAS_TRITON:
             r_z += tl.sum(q32 * (-w / d)[:, None], axis=0)
 
 
+_LAUNCH: dict[str, Launcher] = (
+    {
+        "forward": Launcher(_seq_forward_kernel),
+        "dq": Launcher(_seq_dq_kernel),
+        "dkv": Launcher(_seq_dkv_kernel),
+    }
+    if HAS_TRITON
+    else {}
+)
+
+
 def check_sequential(q: torch.Tensor, v: torch.Tensor) -> None:
     """Raise unless the sequential schedule runs these head dims and this GPU: its fp32
     states live in registers, which holds on sm_90 (Hopper) up to head dim 64; Ampere's
@@ -175,21 +191,24 @@ def check_sequential(q: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
-def sequential_meta(plan: _Plan, kernel: str) -> dict[str, Any]:
+def sequential_meta(plan: _Plan, kernel: str, residual: bool = False) -> dict[str, Any]:
     """Compile-time arguments, ``num_warps`` and ``num_stages`` of one sequential kernel (the
-    launches use these; the resource tests compile exactly them).
+    launches use these; the resource tests compile exactly them). ``residual``: a 16-bit
+    output saved with its rounding residual (``forward`` and ``dq``).
 
     The register budget decides, as in ``triton.py``: the fp32 state and its 3xTF32 products
     stay resident through the loop, so chunks are 32 positions for 16-bit inputs (16 for the
     reverse sweep, which holds both its gradients) and 16 for fp32; 8 warps; two pipeline
     stages prefetch the next chunk's tiles where the registers allow it.
     """
-    low = plan.dtype in (torch.float16, torch.bfloat16)
+    low = plan.dtype in LOW_PRECISION
     meta: dict[str, Any] = {"BT": 32 if low and kernel != "dkv" else 16, "BK": plan.bk,
                             "BV": plan.bv, "FEATURE": plan.feature, "PRECISION": plan.prec,
                             "STATE_PRECISION": plan.state_prec}  # fmt: skip
     if kernel == "dkv":
         meta["INTRA_PRECISION"] = plan.intra_prec
+    else:
+        meta["RESIDUAL"] = residual
     return {**meta, "num_warps": 8, "num_stages": 2 if low else 1}
 
 
@@ -203,21 +222,22 @@ def causal_linear_forward_sequential(
     feature_map: str | None,
     out_dtype: torch.dtype,
     precision: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized causal linear attention, one program per batch·head: ``(out, den + eps)``.
-    ``chunk_size`` is not used: the register budget sets the chunk (``sequential_meta``)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Normalized causal linear attention, one program per batch·head: ``(out, den + eps,
+    res)`` as ``causal_linear_forward_triton`` returns them. ``chunk_size`` is not used: the
+    register budget sets the chunk (``sequential_meta``)."""
     check_sequential(q, v)
     plan = plan_for(q, v, chunk_size, precision, True, feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
-    bh = q3.shape[0]
-    out = torch.empty(bh, plan.n, plan.dv, device=q.device, dtype=out_dtype)
-    d = torch.empty(bh, plan.n, device=q.device, dtype=torch.float32)
-    if plan.n and bh:
-        _seq_forward_kernel[(bh,)](
-            q3, k3, v3, out, d, plan.n, plan.dk, plan.dv, float(eps),
-            **sequential_meta(plan, "forward"),
+    out, d, res = plan.output_buffers(q.device, out_dtype, True)
+    if plan.n and plan.bh:
+        _LAUNCH["forward"](
+            (plan.bh,),
+            (q3, k3, v3, out, out if res is None else res, d, plan.n, plan.dk, plan.dv,
+             float(eps)),
+            sequential_meta(plan, "forward", residual=res is not None),
         )  # fmt: skip
-    return out.view(*plan.batch, plan.n, plan.dv), d.view(*plan.batch, plan.n)
+    return out, d, res
 
 
 def causal_linear_backward_sequential(
@@ -228,26 +248,28 @@ def causal_linear_backward_sequential(
     d: torch.Tensor,
     grad_out: torch.Tensor,
     *,
+    res: torch.Tensor | None = None,
     chunk_size: int,
     feature_map: str | None,
     grad_dtype: torch.dtype,
     precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``causal_linear_forward_sequential`` from its ``out`` and ``d``."""
+    """Gradients of ``causal_linear_forward_sequential`` from its ``out``, ``d`` and
+    ``res``."""
     check_sequential(q, v)
     plan = plan_for(q, v, chunk_size, precision, True, feature_map)
     (q3, k3, v3, do3), (dq, dk, dv) = plan.backward_buffers(q, k, v, grad_out, grad_dtype)
-    bh = q3.shape[0]
-    if plan.n and bh:
-        d3 = d.reshape(bh, plan.n).contiguous()
+    if plan.n and plan.bh:
+        d3 = plan.flat(d, torch.float32)
         w3 = torch.empty_like(d3)  # w = do · out, formed by the first sweep
         sizes = (plan.n, plan.dk, plan.dv)
-        _seq_dq_kernel[(bh,)](
-            q3, k3, v3, do3, plan.flat(out, out.dtype), d3, w3, dq, *sizes,
-            **sequential_meta(plan, "dq"),
+        out3 = plan.flat(out, out.dtype)
+        res3 = out3 if res is None else plan.flat(res, res.dtype)
+        _LAUNCH["dq"](
+            (plan.bh,), (q3, k3, v3, do3, out3, res3, d3, w3, dq, *sizes),
+            sequential_meta(plan, "dq", residual=res is not None),
         )  # fmt: skip
-        _seq_dkv_kernel[(bh,)](
-            q3, k3, v3, do3, d3, w3, dk, dv, *sizes, **sequential_meta(plan, "dkv")
+        _LAUNCH["dkv"](
+            (plan.bh,), (q3, k3, v3, do3, d3, w3, dk, dv, *sizes), sequential_meta(plan, "dkv")
         )
-    shape = (*plan.batch, plan.n)
-    return dq.view(*shape, plan.dk), dk.view(*shape, plan.dk), dv.view(*shape, plan.dv)
+    return dq, dk, dv

@@ -182,12 +182,15 @@ if HAS_TRITON:
                     mask_c = cols < c
                     one_hot = tl.where(cols[None, :] == best_idx[:, None], w[:, None], 0.0)
                     block_votes = tl.dot(tl.trans(one_hot.to(tl.float16)), a)  # (BC, BB)
+                    # only the clusters this block's rows joined: the atomics bound the time
+                    members = tl.sum(one_hot, axis=0)
+                    joined = mask_c & (members > 0)
                     tl.atomic_add(
                         votes_out + cols[:, None] * bits + offs_b[None, :],
                         block_votes,
-                        mask=mask_c[:, None] & mask_b[None, :],
+                        mask=joined[:, None] & mask_b[None, :],
                     )
-                    tl.atomic_add(counts_out + cols, tl.sum(one_hot, axis=0), mask=mask_c)
+                    tl.atomic_add(counts_out + cols, members, mask=joined)
             if t + 1 < iterations:  # sweep t + 1 accumulates into slot (t + 1) % 3: zero it
                 votes_next = votes_ptr + (((t + 1) % 3) * n_groups + g) * cb
                 counts_next = counts_ptr + ((t + 1) % 3) * n_groups * c + g * c
@@ -270,11 +273,21 @@ def hamming_assign_triton(
 MAX_GRID_Y = 65535  # the step kernel's groups ride on grid axis 1
 
 
-def kmeans_launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
+KMEANS_WIDE_ROWS = 1024  # from this many rows per group, the step kernel takes 128 per block
+
+
+def kmeans_launch_meta(n_clusters: int, bits: int, n: int = 0) -> dict[str, int]:
     """Tile sizes of ``_kmeans_step_kernel``: those of ``launch_meta`` with 8 warps (with 4,
     the (BC, BB) vote tiles and their atomics' addresses spill on sm_80), plus ``BZ``, the
-    length of the stretches of the next vote slot each program zeroes."""
-    return {**launch_meta(n_clusters, bits), "BZ": 512, "num_warps": 8}
+    length of the stretches of the next vote slot each program zeroes. From
+    ``KMEANS_WIDE_ROWS`` rows per group, blocks of 128 rows: each block adds its votes with
+    one atomic per (cluster joined, bit), and at 32k rows blocks of 64 (every cluster's
+    votes added, joined or not) made the kernel 2x slower than the torch loop on an H200.
+    256 rows spill on sm_80."""
+    meta = {**launch_meta(n_clusters, bits), "BZ": 512, "num_warps": 8}
+    if n >= KMEANS_WIDE_ROWS:
+        meta["BN"] = 128
+    return meta
 
 
 @torch.compiler.disable
@@ -303,7 +316,7 @@ def hamming_kmeans_triton(
     assign = torch.empty(g, n, dtype=torch.long, device=codes.device)
     if not (g and n):
         return assign, centroids.clone()
-    meta = kmeans_launch_meta(n_clusters, bits)
+    meta = kmeans_launch_meta(n_clusters, bits, n)
     cb = g * n_clusters * bits
     # one zeroed buffer: vote slots (3, G, C, bits), count slots (3, G, C), changed counters
     work = torch.zeros(3 * cb + 3 * g * n_clusters + (iterations + 1) * g, device=codes.device)
