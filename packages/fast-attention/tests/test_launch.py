@@ -30,12 +30,15 @@ class _Compiled:
 
 
 class _Kernel:
-    """Stands for a JITFunction ``k(x_ptr, n, eps, BLOCK: constexpr, EVEN: constexpr = True)``."""
+    """Stands for a JITFunction ``k(x_ptr, n, eps, BLOCK: constexpr, EVEN: constexpr = True)``
+    (``BLOCK`` first with ``constexpr_first``)."""
 
-    def __init__(self, compiles=True):
+    def __init__(self, compiles=True, constexpr_first=False):
         self.params = [SimpleNamespace(name=n, is_constexpr=c, default=d) for n, c, d in (
             ("x_ptr", False, None), ("n", False, None), ("eps", False, None),
             ("BLOCK", True, None), ("EVEN", True, True))]  # fmt: skip
+        if constexpr_first:
+            self.params.insert(0, self.params.pop(3))
         self.log, self.compiles = [], compiles
 
     def __getitem__(self, grid):
@@ -104,10 +107,18 @@ def test_a_float_argument_is_not_part_of_the_key():
     assert kernel.log[1][1][-3] == 1e-3
 
 
-@pytest.mark.parametrize("direct, compiles", [(False, True), (True, False)])
-def test_without_direct_launch_or_compiled_kernels_every_call_binds(direct, compiles):
-    kernel = _Kernel(compiles=compiles)
+@pytest.mark.parametrize(
+    "direct, compiles, constexpr_first, args",
+    [
+        (False, True, False, (torch.zeros(4), 4, 0.0)),  # asked not to
+        (True, False, False, (torch.zeros(4), 4, 0.0)),  # the interpreter compiles nothing
+        (True, True, True, (torch.zeros(4), 4, 0.0)),  # a constexpr before runtime args
+        (True, True, False, (None, 4, 0.0)),  # no tensor to take the device from
+    ],
+)
+def test_otherwise_every_call_binds_through_triton(direct, compiles, constexpr_first, args):
+    kernel = _Kernel(compiles=compiles, constexpr_first=constexpr_first)
     launch = Launcher(kernel, direct=direct)
     for _ in range(3):
-        launch((1,), (torch.zeros(4), 4, 0.0), {"BLOCK": 4})
+        launch((1,), args, {"BLOCK": 4})
     assert _kinds(kernel) == ["jit"] * 3

@@ -56,22 +56,31 @@ class Launcher:
     """``Launcher(kernel)(grid, args, meta)`` runs ``kernel[grid](*args, **meta)``.
 
     ``args`` are the runtime arguments in signature order; ``meta`` the compile-time ones
-    (every ``tl.constexpr`` parameter of the kernel) and launch options (``num_warps``,
-    ``num_stages``, ...).
+    (``tl.constexpr`` parameters; those left out take their defaults) and launch options
+    (``num_warps``, ``num_stages``, ...). The direct path needs the compile-time parameters
+    after the runtime ones in the kernel's signature, as in this package's kernels.
     """
 
     def __init__(self, kernel: Any, *, direct: bool | None = None):
         self.kernel = kernel
         self.direct = DIRECT if direct is None else direct
-        params = getattr(kernel, "params", ())
+        params = list(getattr(kernel, "params", ()))
         self._constexprs = tuple((p.name, p.default) for p in params if p.is_constexpr)
+        # the launcher takes the runtime arguments then the compile-time ones only when the
+        # signature lists them in that order; otherwise every call binds through Triton
+        first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        if any(not p.is_constexpr for p in params[first:]):
+            self.direct = False
         self._compiled: dict[tuple[Any, ...], Any] = {}
 
     def __call__(self, grid: Sequence[int], args: Sequence[Any], meta: Mapping[str, Any]) -> None:
         if not self.direct:
             self.kernel[grid](*args, **meta)
             return
-        tensor = next(a for a in args if isinstance(a, torch.Tensor))
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if tensor is None:  # no device to launch on but the current one: let Triton bind
+            self.kernel[grid](*args, **meta)
+            return
         key = (tuple(meta.items()), tuple(_arg_key(a) for a in args), tensor.device)
         compiled = self._compiled.get(key)
         if compiled is None:

@@ -796,8 +796,9 @@ def causal_linear_backward_triton(
     grad_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``causal_linear_forward_triton`` from its ``out``, ``d`` and ``res``;
-    ``out`` and ``d`` are ``None`` for the unnormalized product. Returns (dq, dk, dv) in ``grad_dtype``, with
-    respect to the raw q, k when ``feature_map`` is fused (as in the forward).
+    ``out`` and ``d`` are ``None`` for the unnormalized product. Returns (dq, dk, dv) in
+    ``grad_dtype``, with respect to the raw q, k when ``feature_map`` is fused (as in the
+    forward).
 
     Three launches: both chunk-local states (the forward's, recomputed rather than saved, and
     the reversed ones) with ``w``, their two scans, then dq, dk and dv side by side.
