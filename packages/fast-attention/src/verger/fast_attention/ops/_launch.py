@@ -81,7 +81,8 @@ class Launcher:
         if tensor is None:  # no device to launch on but the current one: let Triton bind
             self.kernel[grid](*args, **meta)
             return
-        key = (tuple(meta.items()), tuple(_arg_key(a) for a in args), tensor.device)
+        device = tensor.device
+        key = (tuple(meta.items()), tuple(_arg_key(a) for a in args), device)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self.kernel[grid](*args, **meta)
@@ -92,7 +93,7 @@ class Launcher:
         # as JITFunction.run passes them (Triton >= 3.3).
         full = (*args, *(meta.get(name, default) for name, default in self._constexprs))
         knobs = triton.knobs.runtime
-        stream = _current_stream(tensor.device)
+        stream = _current_stream(device)
         grid3 = (*grid, 1, 1)[:3]
         compiled.run(
             *grid3, stream, compiled.function, compiled.packed_metadata,
