@@ -4,8 +4,9 @@ ci/gpu-smoke.sh; the kernels must live in a file for @triton.jit).
 Prints the host time per launch of a near-empty Triton kernel through ``kernel[grid]`` and
 straight through its compiled launcher (``CompiledKernel.run``), with 1 and 12 pointer
 arguments, against a torch op; the host time to issue a fused fp16 forward, backward and
-training step with the package's direct launches on and off (and an SDPA step); then a cProfile
-of training steps at 8k tokens.
+training step with the package's direct launches on and off (and an SDPA step); the autograd
+engine's host time for a Python node against a C++ one; then a cProfile of training steps at
+8k tokens.
 """
 
 import cProfile
@@ -83,6 +84,28 @@ def issue_times(n):
     return step
 
 
+class _Identity(torch.autograd.Function):
+    """The cheapest Python autograd node: what the engine's hand-off of a Python backward to
+    its CUDA worker thread costs, against a C++ node (``mul``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def engine_cost():
+    x = torch.randn(1024, device="cuda", requires_grad=True)
+    g = torch.randn(1024, device="cuda")
+    ops = {"mul (C++ node)": lambda: x.mul(1.0), "identity Function": lambda: _Identity.apply(x)}
+    for name, op in ops.items():
+        step = lambda op=op: torch.autograd.grad(op(), (x,), g)  # noqa: E731
+        print(f"host us per autograd.grad step through {name}: {host_us(step):.1f}", flush=True)
+
+
 def main():
     x = torch.zeros(1024, device="cuda")
     ptrs = [torch.zeros(16, device="cuda") for _ in range(11)]
@@ -109,6 +132,7 @@ def main():
         except Exception as exc:  # the internals differ between Triton versions
             print(f"{name}: unavailable ({type(exc).__name__}: {exc})", flush=True)
     print("x[0] after the launches:", float(x[0]), flush=True)
+    engine_cost()
 
     for n in (1024, 8192):
         step = issue_times(n)

@@ -16,6 +16,7 @@ from verger.fast_attention.ops.causal_linear import (
     causal_product_reference,
     causal_product_triton,
 )
+from verger.fast_attention.ops.causal_linear.chunked import _exclusive_cumsum
 from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -26,7 +27,7 @@ def _features(*shape, dtype=torch.float32, seed=0):
     return [torch.rand(*shape, generator=g).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("n", [1, 7, 64, 130])
+@pytest.mark.parametrize("n", [1, 7, 64, 130, 400])  # 400 / 16: 25 chunks, scanned in groups
 @pytest.mark.parametrize("chunk", [16, 64])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunked_product_matches_reference(n, chunk, reverse):
@@ -48,10 +49,20 @@ def test_causal_linear_forward_and_grads_match_reference(n):
         assert_close(a, b, rtol=1e-5, name=f"d{name}")
 
 
-def test_gradcheck_fp64():
-    q, k, v = (t.double().requires_grad_() for t in _features(1, 1, 13, 3))
+@pytest.mark.parametrize("n", [13, 70])  # 4 chunks of 4; 18 chunks, scanned in 6 groups of 3
+def test_gradcheck_fp64(n):
+    q, k, v = (t.double().requires_grad_() for t in _features(1, 1, n, 3))
     assert torch.autograd.gradcheck(lambda *x: causal_linear(*x, chunk_size=4), (q, k, v))
     assert torch.autograd.gradcheck(lambda *x: causal_product(*x, chunk_size=4), (q, k, v))
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 15, 16, 17, 18, 100, 128, 129])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunk_state_scan_is_an_exclusive_cumsum(chunks, reverse):
+    # two-level (grouped) for 16+ chunks with a divisor, one loop for fewer or a prime count
+    states = torch.randn(2, 3, chunks, 4, 5, dtype=torch.float64)
+    inclusive = (states.flip(2).cumsum(2).flip(2) if reverse else states.cumsum(2)) - states
+    assert_close(_exclusive_cumsum(states, reverse=reverse), inclusive, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

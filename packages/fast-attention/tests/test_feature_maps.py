@@ -23,6 +23,19 @@ def test_elu_map_and_its_gradient_match_autograd():
     assert_close(fm(x, is_query=True), F.elu(x) + 1, rtol=1e-12)
 
 
+def test_elu_map_of_a_large_strided_tensor_is_formed_slice_by_slice_correctly():
+    # over 2**19 elements (several slices, the last one partial) and not contiguous
+    x = torch.randn(3, 700, 300, dtype=torch.float64).transpose(1, 2)
+    x.requires_grad_()
+    phi = EluFeatureMap(700)(x, is_query=False)
+    assert phi.shape == x.shape
+    assert_close(phi, F.elu(x) + 1, rtol=1e-12)
+    grad = torch.randn_like(phi)
+    (got,) = torch.autograd.grad(phi, x, grad)
+    (want,) = torch.autograd.grad(F.elu(x) + 1, x, grad)
+    assert_close(got, want, rtol=1e-12)
+
+
 def test_favor_is_an_unbiased_softmax_kernel():
     g = torch.Generator().manual_seed(0)
     d = 8

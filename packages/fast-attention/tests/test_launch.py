@@ -23,7 +23,7 @@ class _Compiled:
         self.log = log
 
     def launch_metadata(self, grid, stream, *args):
-        return None
+        return ("metadata", grid, stream, args)
 
     def run(self, *args):
         self.log.append(("direct", args))
@@ -68,10 +68,11 @@ def test_second_call_goes_straight_to_the_launcher_with_every_parameter_in_order
     assert _kinds(kernel) == ["jit", "direct"]
     assert kernel.log[0] == ("jit", (2,), (x, 64, 1e-6), meta)
     args = kernel.log[1][1]
-    # grid padded to 3 axes, stream, handles, no metadata; hooks; then x, n, eps, BLOCK and
-    # the constexpr left at its default
-    assert args[:6] == (2, 1, 1, 7, "fn-handle", "packed") and args[6] is None
-    assert args[9:] == (x, 64, 1e-6, 32, True)
+    # grid padded to 3 axes, stream, handles, the launch metadata (for launch hooks); hooks;
+    # then x, n, eps, BLOCK and the constexpr left at its default
+    full = (x, 64, 1e-6, 32, True)
+    assert args[:7] == (2, 1, 1, 7, "fn-handle", "packed", ("metadata", (2, 1, 1), 7, full))
+    assert args[9:] == full
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,7 @@ def causal_linear_forward_sequential(
     check_sequential(q, v)
     plan = plan_for(q, v, chunk_size, precision, True, feature_map)
     q3, k3, v3 = plan.flat(q), plan.flat(k), plan.flat(v)
-    out, d, res = plan.output_buffers(q.device, out_dtype, True)
+    out, d, res = plan.output_buffers(v, out_dtype, True)
     if plan.n and plan.bh:
         _LAUNCH["forward"](
             (plan.bh,),
