@@ -15,6 +15,7 @@ from verger.fast_attention.ops.causal_linear import (
     causal_product_chunked,
     causal_product_reference,
     causal_product_triton,
+    chunked,
 )
 from verger.fast_attention.ops.causal_linear.chunked import _exclusive_cumsum
 from verger.fast_attention.ops.causal_linear.triton import HAS_TRITON
@@ -54,6 +55,26 @@ def test_gradcheck_fp64(n):
     q, k, v = (t.double().requires_grad_() for t in _features(1, 1, n, 3))
     assert torch.autograd.gradcheck(lambda *x: causal_linear(*x, chunk_size=4), (q, k, v))
     assert torch.autograd.gradcheck(lambda *x: causal_product(*x, chunk_size=4), (q, k, v))
+
+
+@pytest.mark.parametrize("block_chunks", [1, 3])
+def test_chunked_scores_in_blocks_of_chunks_match_reference(monkeypatch, block_chunks):
+    # long sequences form the masked scores a block of chunks at a time: force small blocks
+    monkeypatch.setattr(chunked, "SCORES_BLOCK_BYTES", block_chunks * 8 * 8 * 8)  # fp64, 8x8
+    q, k, v = (t.double().requires_grad_() for t in _features(2, 2, 61, 5))  # 2·2·8 chunks
+    a, b, c = (t.detach() for t in (q, k, v))
+    for reverse in (False, True):
+        got = causal_product_chunked(a, b, c, reverse=reverse, chunk_size=8)
+        assert_close(got, causal_product_reference(a, b, c, reverse=reverse), rtol=1e-12)
+    for fn, ref in ((causal_linear, causal_linear_reference),
+                    (causal_product, causal_product_reference)):  # fmt: skip
+        out = fn(q, k, v, chunk_size=8, backend="torch")
+        assert_close(out, ref(q, k, v), rtol=1e-12, name="out")
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref(q, k, v), (q, k, v), grad)
+        for name, a, b in zip("qkv", got, want):
+            assert_close(a, b, rtol=1e-10, name=f"d{name}")
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 15, 16, 17, 18, 100, 128, 129])

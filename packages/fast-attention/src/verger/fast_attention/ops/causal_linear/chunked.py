@@ -2,10 +2,11 @@
 
 The sequence is cut into chunks of ``chunk_size`` positions. Inside a chunk the masked product
 ``tril(a bᵀ) c`` is a small dense matmul; across chunks the contribution of everything earlier is
-``a · S`` where ``S`` is the exclusive prefix sum of the per-chunk states ``bᵀ c``. All work is a
-handful of large batched matmuls with fp32 accumulation, memory is O(N·(C + Dk·Dv/C)) per head,
-and there is no Python loop over positions or chunks. The backward recomputes the chunk states
-instead of saving them, so training memory is O(N) as well.
+``a · S`` where ``S`` is the exclusive prefix sum of the per-chunk states ``bᵀ c``. All work is
+batched matmuls with fp32 accumulation (on CPU, the masked scores of long sequences a block of
+chunks at a time), memory is O(N·(C + Dk·Dv/C)) per head, and no Python loop runs over
+positions. The backward recomputes the chunk states instead of saving them, so training
+memory is O(N) as well.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import torch.nn.functional as F
 from verger.fast_attention.feature_maps import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 128
+# Bytes of masked (C, C) score matrices formed at once: the intra-chunk products run over
+# blocks of chunks this small, so their temporaries are reused from the heap rather than
+# mapped afresh (over 32 MB, glibc maps each allocation anew and its page faults cost more
+# than the matmul that fills it) and peak memory does not grow with them.
+SCORES_BLOCK_BYTES = 8 << 20
 
 
 def _exclusive_cumsum(states: torch.Tensor, *, reverse: bool) -> torch.Tensor:
@@ -82,6 +88,16 @@ class _Chunker:
         t = t.view(*self.batch, self.n + self.pad, t.shape[-1])
         return t[..., : self.n, :] if self.pad else t
 
+    def blocks(self, t: torch.Tensor) -> list[slice]:
+        """Slices of the (batch·chunks) chunks of ``t`` whose masked scores fit
+        ``SCORES_BLOCK_BYTES`` together on CPU (one slice for short sequences, and on GPUs,
+        whose caching allocator has no such cost)."""
+        rows = len(t)
+        if t.device.type != "cpu":
+            return [slice(0, rows)]
+        step = max(1, SCORES_BLOCK_BYTES // (self.size * self.size * t.element_size()))
+        return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
     def prefix(self, left: torch.Tensor, right: torch.Tensor, *, reverse: bool) -> torch.Tensor:
         """Per chunk, Σ over strictly earlier (later) chunks of ``leftᵀ right``."""
         states = torch.matmul(left.mT, right)
@@ -106,9 +122,12 @@ def causal_product_chunked(
     ch = _Chunker(a.shape, chunk_size)
     a3, b3, c3 = ch.split(a, dtype), ch.split(b, dtype), ch.split(c, dtype)
     prefix = ch.prefix(b3, c3, reverse=reverse)
-    scores = torch.matmul(a3, b3.mT)
-    scores = scores.triu_() if reverse else scores.tril_()
-    return ch.merge(torch.bmm(a3, prefix).baddbmm_(scores, c3))
+    out = torch.bmm(a3, prefix)
+    for r in ch.blocks(a3):
+        scores = torch.bmm(a3[r], b3[r].mT)
+        scores = scores.triu_() if reverse else scores.tril_()
+        out[r].baddbmm_(scores, c3[r])
+    return ch.merge(out)
 
 
 def causal_product_backward_chunked(
@@ -130,11 +149,15 @@ def causal_product_backward_chunked(
     q3, k3, v3, do3 = (ch.split(t, dtype) for t in (q, k, v, grad_out))
     kv_prefix = ch.prefix(k3, v3, reverse=False)  # Σ_{earlier chunks} k vᵀ
     qdo_suffix = ch.prefix(q3, do3, reverse=True)  # Σ_{later chunks} q doᵀ
-    d_scores = torch.matmul(do3, v3.mT).tril_()  # (do_i · v_j), j ≤ i
-    dq = torch.matmul(do3, kv_prefix.mT).baddbmm_(d_scores, k3)
-    dk = torch.matmul(v3, qdo_suffix.mT).baddbmm_(d_scores.mT, q3)
-    scores = torch.bmm(q3, k3.mT, out=d_scores).tril_()  # (q_i · k_j), j ≤ i, in d_scores
-    dv = torch.matmul(k3, qdo_suffix).baddbmm_(scores.mT, do3)
+    dq = torch.bmm(do3, kv_prefix.mT)
+    dk = torch.bmm(v3, qdo_suffix.mT)
+    dv = torch.bmm(k3, qdo_suffix)
+    for r in ch.blocks(q3):
+        d_scores = torch.bmm(do3[r], v3[r].mT).tril_()  # (do_i · v_j), j ≤ i
+        dq[r].baddbmm_(d_scores, k3[r])
+        dk[r].baddbmm_(d_scores.mT, q3[r])
+        scores = torch.bmm(q3[r], k3[r].mT, out=d_scores).tril_()  # (q_i · k_j), j ≤ i
+        dv[r].baddbmm_(scores.mT, do3[r])
     return ch.merge(dq), ch.merge(dk), ch.merge(dv)
 
 
@@ -157,9 +180,12 @@ def causal_linear_forward_chunked(
     q3, k3, v3 = ch.split(q, dtype), ch.split(k, dtype), ch.split(v, dtype)
     kv_prefix = ch.prefix(k3, v3, reverse=False)
     k_prefix = ch.prefix(k3, torch.ones_like(k3[..., :1]), reverse=False)  # (·, F, 1)
-    scores = torch.matmul(q3, k3.mT).tril_()
-    num = torch.bmm(q3, kv_prefix).baddbmm_(scores, v3)  # in place: no copy of the first term
-    den = torch.bmm(q3, k_prefix).add_(scores.sum(-1, keepdim=True))
+    num = torch.bmm(q3, kv_prefix)
+    den = torch.bmm(q3, k_prefix)
+    for r in ch.blocks(q3):
+        scores = torch.bmm(q3[r], k3[r].mT).tril_()
+        num[r].baddbmm_(scores, v3[r])  # in place: no copy of the first term
+        den[r].add_(scores.sum(-1, keepdim=True))
     num.div_(den + eps)
     return ch.merge(num), ch.merge(den)
 
@@ -182,7 +208,7 @@ def causal_linear_backward_chunked(
     of chunk states, which are recomputed here rather than saved by the forward. Dead
     buffers are written again rather than allocated anew: at 16k tokens each (N, ·) tensor is
     over glibc's 32 MB mmap threshold, and the page faults of a fresh one cost more than the
-    arithmetic that fills it.
+    arithmetic that fills it (the masked scores, likewise, go block by block).
     """
     dtype = compute_dtype(q.dtype)
     ch = _Chunker(q.shape, chunk_size)
@@ -197,11 +223,13 @@ def causal_linear_backward_chunked(
     k_prefix = ch.prefix(k3, ones, reverse=False)  # (·, F, 1)
     qg_suffix = ch.prefix(q3, g3, reverse=True)  # Σ_{later chunks} q gᵀ: (·, F, Dv)
     qd_suffix = ch.prefix(q3, dden, reverse=True)  # Σ_{later chunks} q dden: (·, F, 1)
-    d_scores = torch.baddbmm(dden, g3, v3.mT).tril_()  # g_i·v_j + dden_i, j ≤ i
-    dq = torch.bmm(g3, kv_prefix.mT).baddbmm_(d_scores, k3)
-    dq.baddbmm_(dden, k_prefix.mT)
-    dk = torch.bmm(v3, qg_suffix.mT).baddbmm_(d_scores.mT, q3)
-    dk.add_(qd_suffix.mT)
-    scores = torch.bmm(q3, k3.mT, out=d_scores).tril_()  # q_i·k_j, j ≤ i, in d_scores
-    dv = torch.bmm(k3, qg_suffix).baddbmm_(scores.mT, g3)
+    dq = torch.bmm(g3, kv_prefix.mT).baddbmm_(dden, k_prefix.mT)
+    dk = torch.bmm(v3, qg_suffix.mT).add_(qd_suffix.mT)
+    dv = torch.bmm(k3, qg_suffix)
+    for r in ch.blocks(q3):
+        d_scores = torch.baddbmm(dden[r], g3[r], v3[r].mT).tril_()  # g_i·v_j + dden_i, j ≤ i
+        dq[r].baddbmm_(d_scores, k3[r])
+        dk[r].baddbmm_(d_scores.mT, q3[r])
+        scores = torch.bmm(q3[r], k3[r].mT, out=d_scores).tril_()  # q_i·k_j, j ≤ i
+        dv[r].baddbmm_(scores.mT, g3[r])
     return ch.merge(dq), ch.merge(dk), ch.merge(dv)
