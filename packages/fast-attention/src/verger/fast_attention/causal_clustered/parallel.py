@@ -57,15 +57,18 @@ def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # 
     # each query's centroid logits over its own chunk: (G, nb, L queries, L keys)
     local = lc.transpose(1, 2).gather(2, ap.view(g, nb, chunk, 1).expand(-1, -1, -1, chunk))
     tri = torch.ones(chunk, chunk, dtype=torch.bool, device=q3.device).tril()
-    local = local.masked_fill(~tri, NEG_INF)
+    local = local.masked_fill_(~tri, NEG_INF)
     mu = torch.maximum(shift_i, local.detach().amax(-1).reshape(g, -1))  # running max through i
-    w_local = torch.exp(local - safe_shift(mu).view(g, nb, chunk, 1))
+    w_local = (local - safe_shift(mu).view(g, nb, chunk, 1)).exp_()
     f = torch.exp(shift_i - safe_shift(mu))  # rescales the chunks before b to the shift mu
-    z = f * norms_i + w_local.sum(-1).reshape(g, -1)
-    local_num = torch.matmul(w_local, vc).reshape(g, nb * chunk, -1)
-    if topk is None:
-        out = (f[..., None] * sums_i + local_num) / z[..., None].clamp_min(1e-30)
-        return out[:, :n], logits[:, :, :n]
+    w_sum = w_local.sum(-1).reshape(g, -1)
+    inv_z = (f * norms_i + w_sum).clamp_min(1e-30).reciprocal()
+    # The (N, Dv) results below are built in as few new tensors as possible (in-place adds
+    # into a product autograd does not save): at 16k tokens each new one is a fresh mapping
+    # whose page faults cost more on CPU than its arithmetic (see ops/causal_linear/chunked.py).
+    if topk is None:  # (f·sums_i + Σ_local w v) / z
+        num = torch.matmul(w_local, vc).reshape(g, nb * chunk, -1).addcmul_(sums_i, f[..., None])
+        return (num * inv_z[..., None])[:, :n], logits[:, :, :n]
 
     top_vals, top_idx = prefix_topk(lc.detach(), topk)  # (G, C, nb, K)
     top_ok = torch.isfinite(top_vals)
@@ -86,15 +89,17 @@ def parallel_form(q3, k3, v3, c3, a3, key_pad, topk, chunk, scale, backend):  # 
     else:  # one block per cluster over its top-k history; the chunk's keys densely
         keys, start, end, ok = top_histories(top_idx, top_ok, nb * chunk)
         top_parts = top_softmax_parts(qp, kp, vp, ap, keys, start, end, ok, chunk, scale)
-        s_local = torch.matmul(qp.view(g, nb, chunk, d), kp.view(g, nb, chunk, d).mT) * scale
-        s_local = s_local.masked_fill(~(tri & valid.view(g, nb, 1, chunk)), NEG_INF)
+        s_local = torch.matmul(qp.view(g, nb, chunk, d), kp.view(g, nb, chunk, d).mT)
+        s_local = s_local.mul_(scale).masked_fill_(~(tri & valid.view(g, nb, 1, chunk)), NEG_INF)
         local_parts = tuple(
             t.reshape(g, nb * chunk, *t.shape[3:]) for t in softmax_parts(s_local, vc)
         )
         exact = merge_softmax(local_parts, tuple(top_parts))  # type: ignore[arg-type]
-    mass = (removed_z + w_local.sum(-1).reshape(g, -1)) / z.clamp_min(1e-30)
-    rest = (f[..., None] * sums_i - removed_i) / z[..., None].clamp_min(1e-30)
-    return (rest + mass[..., None] * exact)[:, :n], logits[:, :, :n]
+    # (f·sums_i − removed_i) / z  +  mass · exact, with mass = (removed_z + Σ_local w) / z
+    mass = (removed_z + w_sum) * inv_z
+    out = sums_i * (f * inv_z)[..., None]
+    out.addcmul_(removed_i, inv_z[..., None], value=-1.0).addcmul_(exact, mass[..., None])
+    return out[:, :n], logits[:, :, :n]
 
 
 @overload

@@ -113,7 +113,7 @@ def softmax_parts(
     is −inf where no key is allowed (the sums are then 0).
     """
     shift = scores.detach().amax(-1)
-    e = torch.exp(scores - safe_shift(shift)[..., None])
+    e = (scores - safe_shift(shift)[..., None]).exp_()
     return shift, e.sum(-1), torch.matmul(e, v)
 
 
@@ -124,5 +124,6 @@ def merge_softmax(
     """The softmax over the union of two disjoint key sets from their ``softmax_parts``."""
     shift = safe_shift(torch.maximum(a[0], b[0]))
     fa, fb = torch.exp(a[0] - shift), torch.exp(b[0] - shift)
-    den = fa * a[1] + fb * b[1]
-    return (fa[..., None] * a[2] + fb[..., None] * b[2]) / den.clamp_min(1e-30)[..., None]
+    inv = (fa * a[1] + fb * b[1]).clamp_min(1e-30).reciprocal()
+    # one new (..., Dv) tensor: the second term is added in place
+    return (a[2] * (fa * inv)[..., None]).addcmul_(b[2], (fb * inv)[..., None])

@@ -74,8 +74,8 @@ def top_softmax_parts(qp, kp, vp, group, keys, start, end, ok, chunk, scale):  #
         flat = blocks.key_rows[sel].gather(1, keep).reshape(-1)
         v_sel = vp.reshape(-1, vp.shape[-1]).index_select(0, flat).view(len(sel), size, -1)
         k_sel = kp.reshape(-1, d).index_select(0, flat).view(len(sel), size, d)
-        scores = torch.bmm(blocks.queries[sel], k_sel.mT) * scale
-        part = softmax_parts(scores.masked_fill(~allowed, NEG_INF), v_sel)
+        scores = torch.bmm(blocks.queries[sel], k_sel.mT).mul_(scale)
+        part = softmax_parts(scores.masked_fill_(~allowed, NEG_INF), v_sel)
         if not results:
             results = [t.new_zeros(counts.shape[0], *t.shape[1:]) for t in part]
         for out, t in zip(results, part):
