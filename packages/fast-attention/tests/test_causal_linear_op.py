@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from verger.core.bench import measure_peak_memory
 from verger.core.testing import assert_close, relative_rms_error
 from verger.fast_attention.ops.causal_linear import (
     causal_linear,
@@ -75,6 +76,23 @@ def test_chunked_scores_in_blocks_of_chunks_match_reference(monkeypatch, block_c
         want = torch.autograd.grad(ref(q, k, v), (q, k, v), grad)
         for name, a, b in zip("qkv", got, want):
             assert_close(a, b, rtol=1e-10, name=f"d{name}")
+
+
+def test_chunked_training_step_never_holds_all_masked_scores_on_cpu(monkeypatch):
+    # 2·16 chunks of 128: the whole sequence's (C, C) scores would be 2 MB, eight times the
+    # inputs; in blocks of one chunk (64 KB) the step's peak stays well under that
+    q, k, v = (t.requires_grad_() for t in _features(1, 2, 2048, 8))
+    all_scores = 2 * 16 * 128 * 128 * 4
+
+    def step():
+        causal_linear(q, k, v, chunk_size=128, backend="torch").sum().backward()
+
+    peaks = {}
+    for block in (all_scores, 128 * 128 * 4):
+        monkeypatch.setattr(chunked, "SCORES_BLOCK_BYTES", block)
+        peaks[block] = measure_peak_memory(step, device="cpu")
+    assert peaks[all_scores] > all_scores  # the measure sees the scores when they form whole
+    assert peaks[128 * 128 * 4] < all_scores / 2
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 15, 16, 17, 18, 100, 128, 129])
