@@ -11,6 +11,9 @@ memory is O(N) as well.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,11 +49,13 @@ def _exclusive_cumsum(states: torch.Tensor, *, reverse: bool) -> torch.Tensor:
     return out.add_(offsets.unsqueeze(-3)).view_as(states)
 
 
+@functools.lru_cache(maxsize=64)
 def _group_size(chunks: int) -> int:
     """The divisor of ``chunks`` closest to √chunks (1 below 16 chunks or for a prime)."""
     if chunks < 16:
         return 1
-    divisors = [d for d in range(2, chunks) if chunks % d == 0]
+    pairs = [(d, chunks // d) for d in range(2, math.isqrt(chunks) + 1) if chunks % d == 0]
+    divisors = [d for pair in pairs for d in pair]
     return min(divisors, key=lambda d: abs(d * d - chunks), default=1)
 
 
