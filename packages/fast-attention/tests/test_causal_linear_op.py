@@ -331,6 +331,10 @@ def test_triton_rejects_unknown_precision_dtype_and_feature_map(monkeypatch):
         causal_linear_fused(a, b, c, feature_map="favor")
     with pytest.raises(ValueError, match="schedule"):
         causal_linear_fused(a, b, c, schedule="serial")
+    with pytest.raises(ValueError, match="backend"):
+        causal_linear_fused(a, b, c, backend="cuda")
+    with pytest.raises(ValueError, match="Triton schedule"):
+        causal_linear_fused(a, b, c, backend="torch", schedule="sequential")
     from verger.fast_attention.ops.causal_linear import triton_sequential
 
     monkeypatch.setattr(triton_sequential, "_device_arch", lambda device: 80)  # an A100

@@ -108,6 +108,31 @@ def test_triton_path_fuses_the_feature_map_and_matches_the_formula():
     assert state.s.dtype == state.z.dtype == torch.float32
 
 
+def test_torch_path_maps_inside_its_node_and_keeps_raw_q_k_for_the_backward():
+    # 300 positions: the last chunk of 128 is padded, so φ' multiplies a merged view in place
+    q, k, v = (t.double().requires_grad_() for t in _qkv(b=1, h=2, n=300, d=8, dv=5))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = linear_attention(q, k, v, causal=True, backend="torch")
+    assert "CausalLinear" in type(out.grad_fn).__name__  # one node: no separate feature map
+    large = [t for t in saved if t.shape[-2:] in (q.shape[-2:], v.shape[-2:])]
+    assert {t.data_ptr() for t in large} == {t.data_ptr() for t in (q, k, v, out)}
+    assert_close(out, naive(q, k, v, True), rtol=1e-10)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(naive(q, k, v, True), (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, rtol=1e-9, name=f"d{name}")
+    # 16-bit inputs: output and gradients in their dtype, fp32 inside
+    half = [t.detach().half().requires_grad_() for t in (q, k, v)]
+    out = linear_attention(*half, causal=True, backend="torch")
+    assert out.dtype == torch.float16
+    got = torch.autograd.grad(out, half, grad.half())
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == torch.float16
+        assert_close(a.double(), b, rtol=2e-2, name=f"d{name} fp16")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_ragged_lengths_with_padding_mask(causal):
     q, k, v = _qkv(b=3, n=24)

@@ -95,22 +95,34 @@ def get_feature_map(spec: str | FeatureMap, head_dim: int, **options: Any) -> Fe
 _CPU_SLICE = 1 << 19
 
 
-class _EluPlusOne(torch.autograd.Function):
-    """elu(x) + 1 = exp(min(x, 0)) + max(x, 0); its derivative is min(φ, 1), so only φ is saved.
+def elu_plus_one(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """φ(x) = elu(x) + 1 = exp(min(x, 0)) + max(x, 0) in ``dtype`` (x's by default), outside
+    autograd. This form keeps its relative precision for very negative x, where
+    ``elu(x) + 1`` rounds to 0.
 
     On CPU it is formed slice by slice into one output: at 16k tokens a full-size temporary
     for max(x, 0) is a fresh allocation over glibc's 32 MB mmap threshold, whose page faults
     cost more than the pass that fills it (this halved the map's CPU time there). GPUs take it
     in one pass (the caching allocator has no such cost; each slice would be four launches).
     """
+    x = x.contiguous()
+    phi = torch.empty_like(x, dtype=dtype or x.dtype)
+    size = _CPU_SLICE if x.device.type == "cpu" else max(x.numel(), 1)
+    for src, out in zip(x.view(-1).split(size), phi.view(-1).split(size)):
+        if out.dtype == src.dtype:
+            torch.clamp(src, max=0.0, out=out)
+        else:  # clamp's out= takes no other dtype
+            out.copy_(src).clamp_(max=0.0)
+        out.exp_().add_(src.clamp(min=0.0))
+    return phi
+
+
+class _EluPlusOne(torch.autograd.Function):
+    """``elu_plus_one`` with its derivative min(φ, 1), so only φ is saved."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        phi = torch.empty_like(x)
-        size = _CPU_SLICE if x.device.type == "cpu" else max(x.numel(), 1)
-        for src, out in zip(x.view(-1).split(size), phi.view(-1).split(size)):
-            torch.clamp(src, max=0.0, out=out).exp_().add_(src.clamp(min=0.0))
+        phi = elu_plus_one(x)
         ctx.save_for_backward(phi)
         return phi
 

@@ -66,17 +66,24 @@ def _feature_map(spec: str | FeatureMap, head_dim: int, options: dict[str, Any])
     return get_feature_map(spec, head_dim, **options)
 
 
-def _fuses_feature_map(
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_backend(
     fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
-) -> bool:
-    """Whether the Triton kernels can apply φ themselves: the built-in elu+1 map, one 16/32-bit
-    dtype, no padding mask (checked by the caller) and a launch that fits."""
-    if type(fm) is not EluFeatureMap or not q.dtype == k.dtype == v.dtype:
-        return False
-    if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
+) -> str | None:
+    """The backend of ``causal_linear_fused`` that can apply φ itself, or None: the built-in
+    elu+1 map, no padding mask (checked by the caller), and for Triton one 16/32-bit dtype and
+    a launch that fits (the torch path takes any)."""
+    if type(fm) is not EluFeatureMap or q.dtype != k.dtype:
+        return None
     launch = (max(q.shape[-1], v.shape[-1]), math.prod(v.shape[:-2]))
-    return resolve_backend(backend, v.device, *launch, v.dtype) == "triton"
+    resolved = resolve_backend(backend, v.device, *launch, v.dtype)
+    if resolved == "torch":
+        return resolved
+    if resolved == "triton" and v.dtype == q.dtype and v.dtype in _TRITON_DTYPES:
+        return resolved
+    return None
 
 
 def linear_attention(
@@ -99,8 +106,10 @@ def linear_attention(
     convention); outputs at padded positions are zero. With ``causal=True``,
     ``return_state=True`` returns ``(out, state)`` so that a prompt is encoded in one call and
     continued token by token with ``linear_attention_step``.
-    ``backend`` and ``chunk_size`` select the causal kernel (see ``ops.causal_product``); on
-    the Triton path the default ``elu`` map runs inside the kernels (``causal_linear_fused``).
+    ``backend`` and ``chunk_size`` select the causal kernel (see ``ops.causal_product``); with
+    the default ``elu`` map the causal form applies it inside one autograd node
+    (``causal_linear_fused``: in the Triton kernels, or around the chunked torch path, which
+    then saves q and k rather than their features).
     """
     check_qkv(q, k, v, same_length=causal)
     if not isinstance(eps, float | int) or eps < 0:
@@ -109,8 +118,9 @@ def linear_attention(
         raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
     mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
     fm = _feature_map(feature_map, q.shape[-1], feature_map_options)
-    if causal and mask is None and _fuses_feature_map(fm, q, k, v, backend):
-        out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size)
+    fused = _fused_backend(fm, q, k, v, backend) if causal and mask is None else None
+    if fused is not None:
+        out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size, backend=fused)
         return (out, _state(fm, k, v, q.shape[2])) if return_state else out
     qf, kf = _features(fm, q, k, mask)
     vv = v.to(compute_dtype(v.dtype))

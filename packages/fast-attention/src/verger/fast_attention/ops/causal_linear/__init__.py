@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from verger.fast_attention.feature_maps import compute_dtype, elu_plus_one
 from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.causal_linear.chunked import (
     DEFAULT_CHUNK_SIZE,
@@ -162,8 +163,9 @@ class _CausalLinear(torch.autograd.Function):
                 q, k, v, eps=eps, normalize=True, chunk_size=chunk_size, feature_map=feature_map,
                 out_dtype=v.dtype if feature_map else torch.float32, schedule=schedule,
             )  # fmt: skip
-        else:
-            out, den = causal_linear_forward_chunked(q, k, v, eps, chunk_size=chunk_size)
+        else:  # with a feature map, the raw q, k are saved: φ is formed again in the backward
+            qf, kf = _chunked_features(q, k, feature_map)
+            out, den = causal_linear_forward_chunked(qf, kf, v, eps, chunk_size=chunk_size)
             res = None
         ctx.save_for_backward(q, k, v, out, den, res)
         ctx.eps, ctx.backend, ctx.chunk_size = eps, backend, chunk_size
@@ -180,10 +182,24 @@ class _CausalLinear(torch.autograd.Function):
                 grad_dtype=q.dtype if ctx.feature_map else torch.float32,
             )  # fmt: skip
         else:
+            qf, kf = _chunked_features(q, k, ctx.feature_map)
             dq, dk, dv = causal_linear_backward_chunked(
-                q, k, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
+                qf, kf, v, out, den, grad_out, ctx.eps, chunk_size=ctx.chunk_size
             )
+            if ctx.feature_map:  # through φ' = min(φ, 1), in place: every tensor here is ours
+                dq, dk = dq.mul_(qf.clamp_(max=1.0)), dk.mul_(kf.clamp_(max=1.0))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def _chunked_features(
+    q: torch.Tensor, k: torch.Tensor, feature_map: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked path's features: q, k as given, or φ = elu + 1 of them in the compute
+    dtype (the one map ``causal_linear_fused`` takes)."""
+    if feature_map is None:
+        return q, k
+    dtype = compute_dtype(q.dtype)
+    return elu_plus_one(q, dtype), elu_plus_one(k, dtype)
 
 
 def causal_linear(
@@ -218,25 +234,38 @@ def causal_linear_fused(
     eps: float = 1e-6,
     chunk_size: int | None = None,
     schedule: str = "parallel",
+    backend: str = "triton",
 ) -> torch.Tensor:
     """Causal linear attention on raw q, k: ``causal_linear(φ(q), φ(k), v)`` with φ applied
-    inside the Triton kernels (``feature_map`` in ``FUSED_FEATURE_MAPS``; ``elu``: elu + 1).
+    inside one autograd node (``feature_map`` in ``FUSED_FEATURE_MAPS``; ``elu``: elu + 1).
+    The output and gradients keep the inputs' dtypes (fp32 accumulation).
 
-    No feature tensors and no dtype conversions are formed, which on a GPU removes some thirty
-    elementwise launches per training step; the output and gradients keep the inputs' dtypes
-    (fp32 accumulation). Triton only: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
+    ``backend="triton"`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): the kernels map
+    every tile as they load it, so no feature tensor and no dtype conversion is formed, which
+    on a GPU removes some thirty elementwise launches per training step. ``schedule``:
+    ``parallel`` (chunk-parallel kernels, any batch; 6 launches per training step) or
+    ``sequential`` (one program per batch·head looping over the chunks; 3 launches, for short
+    sequences and small batches where the step is bound by launch time; head dims <= 64, sm_90
+    GPUs).
 
-    ``schedule``: ``parallel`` (chunk-parallel kernels, any batch; 6 launches per training
-    step) or ``sequential`` (one program per batch·head looping over the chunks; 3 launches,
-    for short sequences and small batches where the step is bound by launch time; head dims
-    <= 64, sm_90 GPUs).
+    ``backend="torch"``: the chunked path (any device, float64 too) with φ formed around it;
+    the backward keeps the raw q, k rather than the features and forms φ again, so training
+    holds two fewer (N, D) tensors than ``causal_linear`` on precomputed features.
     """
     _check_shapes(q, k, v, chunk_size)
-    if q.dtype == torch.float64:
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend={backend!r} is not one of ('triton', 'torch')")
+    if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("causal_linear_fused runs float32/float16/bfloat16 inputs, not float64")
     if feature_map not in FUSED_FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    if backend == "torch" and schedule != "parallel":
+        raise ValueError(f"schedule={schedule!r} is a Triton schedule; backend='torch' has none")
+    if backend == "torch":
+        size = chunk_size or DEFAULT_CHUNK_SIZE
+        out = _CausalLinear.apply(q, k, v, float(eps), "torch", size, feature_map, schedule)
+        return out.to(v.dtype)
     size = chunk_size or 64
     return _CausalLinear.apply(q, k, v, float(eps), "triton", size, feature_map, schedule)

@@ -11,7 +11,6 @@ memory is O(N) as well.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -49,7 +48,6 @@ def _exclusive_cumsum(states: torch.Tensor, *, reverse: bool) -> torch.Tensor:
     return out.add_(offsets.unsqueeze(-3)).view_as(states)
 
 
-@functools.lru_cache(maxsize=64)
 def _group_size(chunks: int) -> int:
     """The divisor of ``chunks`` closest to √chunks (1 below 16 chunks or for a prime)."""
     if chunks < 16:
