@@ -34,6 +34,9 @@ def test_bench_sections_write_metrics_and_plots(tmp_path):
         assert key in metrics and metrics[key] > 0, key
     # O(N) memory: 4x the length, at most ~4.4x the peak
     assert metrics["causal_linear_peak_memory_ratio_n1024_over_n256"] <= 4.4
+    # kept for the backward beyond q, k, v: the fp32 output and normalizer only, no features
+    out_and_den = 8 * 1024 * (64 + 1) * 4 / 2**20
+    assert metrics["causal_linear_saved_for_backward_mb_n1024"] == pytest.approx(out_and_den)
     assert (tmp_path / "causal_fwdbwd_time.png").is_file()
     assert (tmp_path / "generation_ms_per_token.png").is_file()
     assert bench.check_targets({"linear_fwd_speedup_vs_sdpa_n16384": 2.0})

@@ -106,15 +106,35 @@ def bench_causal(report: Report, sizes: list[int], device: torch.device, repeats
     report.plot("causal_fwdbwd_time", fig)
 
 
+def _saved_beyond_inputs(attn: Callable[..., torch.Tensor], qkv: list[torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of one call, not counting the inputs: what each
+    layer of a model holds until its backward."""
+    inputs = {t.untyped_storage().data_ptr() for t in qkv}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn(*qkv)
+    return sum(kept.values())
+
+
 def bench_memory(
     report: Report, device: torch.device, sizes: tuple[int, int] = (4096, 16384)
 ) -> None:
-    """Peak tensor memory of causal linear fwd+bwd at two lengths: O(N) means ratio ≈ 4."""
+    """Peak tensor memory of causal linear fwd+bwd at two lengths (O(N) means ratio ≈ 4), and
+    what a call keeps for its backward beyond its inputs."""
     peaks = {}
     for n in sizes:
         qkv = _qkv(n, device, grad=True)
         peaks[n] = measure_peak_memory(_fwdbwd(_causal_linear, qkv), device=device)
         report.metric(f"causal_linear_peak_memory_mb_n{n}", peaks[n] / 2**20)
+        saved = _saved_beyond_inputs(_causal_linear, qkv)
+        report.metric(f"causal_linear_saved_for_backward_mb_n{n}", saved / 2**20)
     small, large = sizes
     report.metric(
         f"causal_linear_peak_memory_ratio_n{large}_over_n{small}", peaks[large] / peaks[small]
