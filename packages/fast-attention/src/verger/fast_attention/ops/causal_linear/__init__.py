@@ -256,7 +256,10 @@ def causal_linear_fused(
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend={backend!r} is not one of ('triton', 'torch')")
     if backend == "triton" and q.dtype == torch.float64:
-        raise TypeError("causal_linear_fused runs float32/float16/bfloat16 inputs, not float64")
+        raise TypeError(
+            "causal_linear_fused(backend='triton') runs float32/float16/bfloat16 inputs, not "
+            "float64 (backend='torch' takes it)"
+        )
     if feature_map not in FUSED_FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
