@@ -133,6 +133,21 @@ def test_torch_path_maps_inside_its_node_and_keeps_raw_q_k_for_the_backward():
         assert_close(a.double(), b, rtol=2e-2, name=f"d{name} fp16")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_path_on_gpu_matches_the_formula():
+    # the GPU fallback (backend="torch"): one block of masked scores, the scan, the map in one pass
+    q, k, v = (t.double().cuda().requires_grad_() for t in _qkv(b=2, h=4, n=3000, d=32))
+    out = linear_attention(q, k, v, causal=True, backend="torch")
+    ref = naive(q, k, v, True)
+    assert_close(out, ref, rtol=1e-10)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, a, b in zip("qkv", got, want):
+        assert_close(a, b, rtol=1e-9, name=f"d{name}")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_ragged_lengths_with_padding_mask(causal):
     q, k, v = _qkv(b=3, n=24)
