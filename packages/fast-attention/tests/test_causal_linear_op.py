@@ -79,7 +79,7 @@ def test_chunked_scores_in_blocks_of_chunks_match_reference(monkeypatch, block_c
 
 
 def test_chunked_training_step_never_holds_all_masked_scores_on_cpu(monkeypatch):
-    # 2·16 chunks of 128: the whole sequence's (C, C) scores would be 2 MB, eight times the
+    # 2·16 chunks of 128: the whole sequence's (C, C) scores would be 2 MB, five times the
     # inputs; in blocks of one chunk (64 KB) the step's peak stays well under that
     q, k, v = (t.requires_grad_() for t in _features(1, 2, 2048, 8))
     all_scores = 2 * 16 * 128 * 128 * 4
@@ -100,8 +100,8 @@ def test_chunked_training_step_never_holds_all_masked_scores_on_cpu(monkeypatch)
 def test_chunk_state_scan_is_an_exclusive_cumsum(chunks, reverse):
     # two-level (grouped) for 16+ chunks with a divisor, one loop for fewer or a prime count
     states = torch.randn(2, 3, chunks, 4, 5, dtype=torch.float64)
-    inclusive = (states.flip(2).cumsum(2).flip(2) if reverse else states.cumsum(2)) - states
-    assert_close(_exclusive_cumsum(states, reverse=reverse), inclusive, rtol=1e-12)
+    exclusive = (states.flip(2).cumsum(2).flip(2) if reverse else states.cumsum(2)) - states
+    assert_close(_exclusive_cumsum(states, reverse=reverse), exclusive, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
