@@ -21,6 +21,7 @@ from verger.fast_attention.feature_maps import (
     get_feature_map,
 )
 from verger.fast_attention.ops.causal_linear import (
+    KERNEL_DTYPES,
     causal_linear,
     causal_linear_fused,
     resolve_backend,
@@ -66,9 +67,6 @@ def _feature_map(spec: str | FeatureMap, head_dim: int, options: dict[str, Any])
     return get_feature_map(spec, head_dim, **options)
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _fused_backend(
     fm: FeatureMap, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str
 ) -> str | None:
@@ -81,7 +79,7 @@ def _fused_backend(
     resolved = resolve_backend(backend, v.device, *launch, v.dtype)
     if resolved == "torch":
         return resolved
-    if resolved == "triton" and v.dtype == q.dtype and v.dtype in _TRITON_DTYPES:
+    if resolved == "triton" and v.dtype == q.dtype and v.dtype in KERNEL_DTYPES:
         return resolved
     return None
 

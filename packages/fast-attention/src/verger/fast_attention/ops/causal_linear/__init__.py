@@ -32,6 +32,7 @@ from verger.fast_attention.ops.causal_linear.reference import (
 )
 from verger.fast_attention.ops.causal_linear.triton import (
     FUSED_FEATURE_MAPS,
+    KERNEL_DTYPES,
     MAX_GRID_Z,
     MAX_HEAD_DIM,
     causal_product_triton,
@@ -40,6 +41,7 @@ from verger.fast_attention.ops.causal_linear.triton import (
 __all__ = [
     "BACKENDS",
     "FUSED_FEATURE_MAPS",
+    "KERNEL_DTYPES",
     "SCHEDULES",
     "causal_linear",
     "causal_linear_fused",
@@ -264,9 +266,11 @@ def causal_linear_fused(
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-    if backend == "torch" and schedule != "parallel":
-        raise ValueError(f"schedule={schedule!r} is a Triton schedule; backend='torch' has none")
     if backend == "torch":
+        if schedule != "parallel":
+            raise ValueError(
+                f"schedule={schedule!r} is a Triton schedule; backend='torch' has none"
+            )
         size = chunk_size or DEFAULT_CHUNK_SIZE
         out = _CausalLinear.apply(q, k, v, float(eps), "torch", size, feature_map, schedule)
         return out.to(v.dtype)

@@ -155,13 +155,33 @@ def causal_product_backward_chunked(
     dq = torch.bmm(do3, kv_prefix.mT)
     dk = torch.bmm(v3, qdo_suffix.mT)
     dv = torch.bmm(k3, qdo_suffix)
+    _add_intra_chunk_grads(ch, q3, k3, v3, do3, dq, dk, dv)
+    return ch.merge(dq), ch.merge(dk), ch.merge(dv)
+
+
+def _add_intra_chunk_grads(
+    ch: _Chunker,
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    v3: torch.Tensor,
+    g3: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    row_shift: torch.Tensor | None = None,
+) -> None:
+    """Adds the intra-chunk terms in place: the masked score gradients
+    ``tril(g vᵀ + row_shift 1ᵀ)`` into dq (times k) and dk (times q), then the masked scores
+    ``tril(q kᵀ)``, formed in the same buffer, into dv (times g); a block of chunks at a time."""
     for r in ch.blocks(q3):
-        d_scores = torch.bmm(do3[r], v3[r].mT).tril_()  # (do_i · v_j), j ≤ i
+        d_scores = torch.bmm(g3[r], v3[r].mT)
+        if row_shift is not None:
+            d_scores += row_shift[r]
+        d_scores.tril_()
         dq[r].baddbmm_(d_scores, k3[r])
         dk[r].baddbmm_(d_scores.mT, q3[r])
-        scores = torch.bmm(q3[r], k3[r].mT, out=d_scores).tril_()  # (q_i · k_j), j ≤ i
-        dv[r].baddbmm_(scores.mT, do3[r])
-    return ch.merge(dq), ch.merge(dk), ch.merge(dv)
+        scores = torch.bmm(q3[r], k3[r].mT, out=d_scores).tril_()
+        dv[r].baddbmm_(scores.mT, g3[r])
 
 
 def causal_linear_forward_chunked(
@@ -229,10 +249,5 @@ def causal_linear_backward_chunked(
     dq = torch.bmm(g3, kv_prefix.mT).baddbmm_(dden, k_prefix.mT)
     dk = torch.bmm(v3, qg_suffix.mT).add_(qd_suffix.mT)
     dv = torch.bmm(k3, qg_suffix)
-    for r in ch.blocks(q3):
-        d_scores = torch.baddbmm(dden[r], g3[r], v3[r].mT).tril_()  # g_i·v_j + dden_i, j ≤ i
-        dq[r].baddbmm_(d_scores, k3[r])
-        dk[r].baddbmm_(d_scores.mT, q3[r])
-        scores = torch.bmm(q3[r], k3[r].mT, out=d_scores).tril_()  # q_i·k_j, j ≤ i
-        dv[r].baddbmm_(scores.mT, g3[r])
+    _add_intra_chunk_grads(ch, q3, k3, v3, g3, dq, dk, dv, row_shift=dden)  # g_i·v_j + dden_i
     return ch.merge(dq), ch.merge(dk), ch.merge(dv)

@@ -64,6 +64,7 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 FUSED_FEATURE_MAPS = ("elu",)  # feature maps the kernels can apply to raw q, k on load
 DEFAULT_CHUNK = 64
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, *LOW_PRECISION)  # what the kernels take
 # The chunk scan's tiles: 16 chunks per tl.cumsum step, 128 state elements per program.
 SCAN_META = {"BC": 16, "BE": 128}
 
@@ -568,7 +569,7 @@ class _Plan:
                 "(or None for precomputed features)"
             )
         self.feature = feature_map is not None
-        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if q.dtype not in KERNEL_DTYPES:
             raise TypeError(
                 f"backend='triton' supports float32/float16/bfloat16 inputs, not {q.dtype}"
             )
