@@ -95,20 +95,26 @@ def test_more_clusters_than_queries_is_defined():
 
 
 @pytest.mark.parametrize("topk", [None, 4])
-def test_padding_equals_truncation(topk):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_equals_truncation(topk, side):
+    """Padded positions change nothing, wherever they are: they neither seed nor join the
+    k-means, and padded keys get no weight."""
     q, k, v = _qkv(b=3, n=32)
     lengths = [32, 20, 9]
-    mask = torch.arange(32)[None, :] >= torch.tensor(lengths)[:, None]
+    pos = torch.arange(32)[None, :]
+    n_real = torch.tensor(lengths)[:, None]
+    mask = pos >= n_real if side == "right" else pos < 32 - n_real
     out = clustered_attention(
         q, k, v, n_clusters=4, topk=topk, key_padding_mask=mask, generator=_gen(5)
     )
     for i, n in enumerate(lengths):
-        s = slice(i, i + 1)
+        s, real = slice(i, i + 1), slice(0, n) if side == "right" else slice(32 - n, 32)
         alone = clustered_attention(
-            q[s, :, :n], k[s, :, :n], v[s, :, :n], n_clusters=4, topk=topk, generator=_gen(5)
-        )
-        assert_close(out[s, :, :n], alone, rtol=1e-5, name=f"row {i}")
-        assert torch.all(out[i, :, n:] == 0)
+            q[s, :, real], k[s, :, real], v[s, :, real], n_clusters=4, topk=topk,
+            generator=_gen(5),
+        )  # fmt: skip
+        assert_close(out[s, :, real], alone, rtol=1e-5, name=f"row {i}")
+        assert torch.all(out[i][:, mask[i]] == 0)
 
 
 @pytest.mark.parametrize("topk", [None, 3])
@@ -145,6 +151,8 @@ def test_bad_arguments():
         )
     with pytest.raises(ValueError, match="causal_clustered_attention"):
         clustered_attention(q, k, v, n_clusters=2, causal=True)
+    with pytest.raises(TypeError, match="share one dtype"):
+        clustered_attention(q.half(), k, v, n_clusters=2)
 
 
 def test_torch_compile_matches_eager():
@@ -161,3 +169,13 @@ def test_torch_compile_matches_eager():
     )
     for name, (a, b) in zip("qkv", grads):
         assert_close(a, b, rtol=1e-5, name=f"d{name}")
+
+
+def test_a_nan_query_spoils_only_its_own_cluster():
+    q, k, v = _qkv(b=1, n=37)
+    q[0, 0, 3] = float("nan")
+    assign, _ = cluster_queries(q, n_clusters=5, generator=_gen(1))
+    out = clustered_attention(q, k, v, n_clusters=5, generator=_gen(1))
+    spoiled = out.isnan().any(-1)
+    assert torch.equal(spoiled[0, 0], assign[0, 0] == assign[0, 0, 3])
+    assert 0 < spoiled[0, 0].sum() < 37 and not spoiled[0, 1].any()

@@ -100,5 +100,9 @@ def test_feature_map_errors():
         get_feature_map(EluFeatureMap(4), 8)
     with pytest.raises(TypeError, match="feature_map"):
         get_feature_map(3, 4)
+    with pytest.raises(TypeError, match="instance"):  # options would be ignored
+        get_feature_map(FavorFeatureMap(4, seed=0), 4, seed=1)
+    with pytest.raises(TypeError, match="'seeds'"):
+        get_feature_map("favor", 4, seeds=1)
     with pytest.raises(ValueError, match="n_features"):
         FavorFeatureMap(4, 0)

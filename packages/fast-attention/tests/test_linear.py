@@ -11,7 +11,11 @@ from verger.fast_attention import (
     linear_attention,
     linear_attention_step,
 )
-from verger.fast_attention.ops.causal_linear import causal_linear_fused
+from verger.fast_attention.ops.causal_linear import (
+    causal_linear,
+    causal_linear_fused,
+    causal_product,
+)
 
 
 def _qkv(b=2, h=3, n=33, d=8, dv=None, dtype=torch.float32, seed=0):
@@ -190,6 +194,81 @@ def test_bad_arguments():
         linear_attention(q.long(), k, v)
     with pytest.raises(ValueError, match="q_t"):
         linear_attention_step(q, k, v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        linear_attention(q.half(), k, v)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps"):
+            linear_attention(q, k, v, eps=eps)
+
+
+def test_a_mistyped_keyword_is_an_error_not_a_feature_map_option():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="casual"):  # the default map takes no options
+        linear_attention(q, k, v, casual=True)
+    with pytest.raises(TypeError, match="casual"):  # nor does an instance (it is built)
+        linear_attention(q, k, v, feature_map=FavorFeatureMap(8, seed=0), casual=True)
+    with pytest.raises(TypeError, match="n_feature"):
+        linear_attention(q, k, v, feature_map="favor", n_feature=16)
+    out = linear_attention(q, k, v, feature_map="favor", n_features=16, seed=2)
+    ref = linear_attention(q, k, v, feature_map=FavorFeatureMap(8, 16, seed=2))
+    assert_close(out, ref, rtol=1e-6)  # real options still reach the map
+
+
+def test_step_rejects_what_the_batch_form_rejects():
+    q, k, v = (t[:, :, 0] for t in _qkv())
+    _, state = linear_attention_step(q, k, v)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_attention_step(q.long(), k.long(), v.long())
+    with pytest.raises(TypeError, match="share one dtype"):
+        linear_attention_step(q, k, v.double())
+    with pytest.raises(ValueError, match="eps"):
+        linear_attention_step(q, k, v, eps=-1.0)
+    with pytest.raises(ValueError, match="expected s"):  # a state for another value size
+        linear_attention_step(q, k, v[..., :5], state)
+    with pytest.raises(TypeError, match="float64"):  # a state of another compute dtype
+        linear_attention_step(q, k, v, LinearAttentionState(state.s.double(), state.z.double()))
+    with pytest.raises(TypeError, match="LinearAttentionState"):
+        linear_attention_step(q, k, v, (state.s, state.z))
+
+
+def test_random_map_by_name_is_refused_where_a_state_must_match_later_steps():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="instance"):
+        linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], feature_map="favor")
+    with pytest.raises(ValueError, match="instance"):
+        linear_attention(q, k, v, causal=True, feature_map="favor", return_state=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_sequence_gives_an_empty_output_and_state(causal):
+    q, k, v = (t[:, :, :0].requires_grad_() for t in _qkv(dv=5))
+    out = linear_attention(q, k, v, causal=causal)
+    assert out.shape == (2, 3, 0, 5) and out.dtype == v.dtype
+    out.sum().backward()  # still part of the graph
+    if causal:
+        _, state = linear_attention(q, k, v, causal=True, return_state=True)
+        assert state.steps == 0 and not state.s.any() and state.s.shape == (2, 3, 8, 5)
+    for fn in (causal_linear, causal_product):
+        assert fn(q.detach(), k.detach(), v.detach()).shape == (2, 3, 0, 5)
+
+
+def test_double_backward_is_refused_clearly():
+    q, k, v = (t.double().requires_grad_() for t in _qkv(n=9))
+    out = linear_attention(q, k, v, causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
+
+
+def test_explicit_triton_backend_off_cuda_says_what_it_needs(monkeypatch):
+    import verger.fast_attention.ops._backend as backend
+
+    monkeypatch.setattr(backend, "interpreter_on", lambda: False)
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        linear_attention(q, k, v, causal=True, backend="triton")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        causal_linear_fused(q, k, v)
 
 
 @pytest.mark.parametrize("backend, feature_map", [("torch", "elu"), ("triton", "elu"),

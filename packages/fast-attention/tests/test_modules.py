@@ -70,6 +70,13 @@ def test_causal_linear_cache_is_the_recurrent_state():
     assert_close(torch.cat(parts, 1), full, rtol=1e-5)
     with pytest.raises(ValueError, match="causal"):
         LinearAttention(16, 2)(x, use_cache=True)
+    with pytest.raises(ValueError, match="key_padding_mask"):  # not silently ignored
+        m(x[:, :1], cache=state, key_padding_mask=torch.zeros(2, 1, dtype=torch.bool))
+
+
+def test_improved_clustered_module_needs_an_int_topk():
+    with pytest.raises(ValueError, match="topk"):
+        ImprovedClusteredAttention(16, 2, topk=None)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -20,6 +22,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length:
             raise TypeError(f"{name}.dtype={t.dtype} is not one of {FLOAT_DTYPES}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k, v must share one dtype (as in scaled_dot_product_attention); got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         raise ValueError(
             f"q, k, v must share (batch, heads); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -53,3 +60,15 @@ def check_positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive int")
     return value
+
+
+def check_eps(eps: object) -> float:
+    """The normalizer's ``eps``: a finite number >= 0."""
+    if (
+        isinstance(eps, bool)
+        or not isinstance(eps, float | int)
+        or not math.isfinite(eps)
+        or eps < 0
+    ):
+        raise ValueError(f"eps={eps!r} must be a finite float >= 0")
+    return float(eps)

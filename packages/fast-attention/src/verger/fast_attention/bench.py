@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from verger.core.bench import Report, compare, count_flops, measure_peak_memory, new_figure
+from verger.core.train import progress, progress_bar
 from verger.fast_attention.causal_clustered import causal_clustered_attention
 from verger.fast_attention.clustered import clustered_attention
 from verger.fast_attention.linear import (
@@ -77,7 +77,7 @@ def _timing(fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1) -> 
 def bench_causal(report: Report, sizes: list[int], device: torch.device, repeats: int) -> None:
     """Causal fwd+bwd vs SDPA per length; peak memory; our kernel alone at the largest sizes."""
     rows = []
-    for n in tqdm(sizes, desc="causal fwd+bwd"):
+    for n in progress(sizes, desc="causal fwd+bwd"):
         qkv = _qkv(n, device, grad=True)
         fns = {"linear": _fwdbwd(_causal_linear, qkv)}
         with_sdpa = n <= 16384
@@ -238,7 +238,7 @@ def bench_generation(
     long-cache reads disturb the next decode, a cost of neither method alone.)
     """
     decoders = {}
-    for ctx in tqdm(contexts, desc="generation"):
+    for ctx in progress(contexts, desc="generation"):
         q, k, v = _qkv(ctx + tokens, device)
         with torch.no_grad():
             _, state = linear_attention(
@@ -406,7 +406,7 @@ def run_bench(args: argparse.Namespace) -> Report:
         "for both sides; medians of interleaved repeats (verger.core.bench.compare); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}."
     )
-    steps = tqdm(total=6, desc="bench sections")
+    steps = progress_bar(total=6, desc="bench sections")
     bench_causal(report, sizes, device, repeats)
     steps.update()
     bench_memory(report, device)

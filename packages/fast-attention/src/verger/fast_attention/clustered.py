@@ -253,6 +253,8 @@ def clustered_attention(
     (through the centroids and the exact top-k scores), k and v; the clustering is discrete.
     ``causal=True`` is refused: centroids of the whole sequence would let position i depend
     on later tokens; use ``causal_clustered_attention`` with fixed centroids instead.
+    A non-finite query makes its cluster's centroid non-finite, and so every output of that
+    cluster (softmax attention would spoil its row only).
     """
     if causal:
         raise ValueError(

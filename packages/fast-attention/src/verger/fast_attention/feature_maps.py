@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +30,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class FeatureMap(nn.Module):
-    """Base class: ``forward(x, is_query=...)`` maps (..., head_dim) to (..., feature_dim) ≥ 0."""
+    """Base class: ``forward(x, is_query=...)`` maps (..., head_dim) to (..., feature_dim) ≥ 0.
+
+    ``is_random``: the map draws its features at construction, so two instances differ and a
+    recurrent state is only valid with the instance that built it.
+    """
+
+    is_random: ClassVar[bool] = False
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
@@ -74,8 +81,14 @@ def available_feature_maps() -> list[str]:
 
 
 def get_feature_map(spec: str | FeatureMap, head_dim: int, **options: Any) -> FeatureMap:
-    """A FeatureMap from a registered name (built for ``head_dim``) or an existing instance."""
+    """A FeatureMap from a registered name (built for ``head_dim`` with ``options``) or an
+    existing instance (then ``options`` must be empty: they would be ignored)."""
     if isinstance(spec, FeatureMap):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} build a feature map from its name; feature_map is "
+                f"already a {type(spec).__name__} instance"
+            )
         if spec.head_dim != head_dim:
             raise ValueError(
                 f"feature_map was built for head_dim={spec.head_dim}, inputs have {head_dim}"
@@ -88,7 +101,14 @@ def get_feature_map(spec: str | FeatureMap, head_dim: int, **options: Any) -> Fe
         )
     if spec not in _REGISTRY:
         raise ValueError(f"feature_map={spec!r} is unknown; choose from {available_feature_maps()}")
-    return _REGISTRY[spec](head_dim, **options)
+    factory = _REGISTRY[spec]
+    try:  # check the options against the factory's signature, not its body's own TypeErrors
+        inspect.signature(factory).bind(head_dim, **options)
+    except TypeError as err:
+        raise TypeError(
+            f"feature_map={spec!r} does not take the option(s) {sorted(options)} ({err})"
+        ) from None
+    return factory(head_dim, **options)
 
 
 # Elements per slice of the elementwise passes below on CPU: the temporaries stay small (2 MB).
@@ -162,6 +182,8 @@ class FavorFeatureMap(FeatureMap):
     ``redraw_interval=n`` draws new features every ``n`` training-mode query calls;
     ``redraw()`` does it on demand. ``seed`` makes the draws reproducible.
     """
+
+    is_random = True
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from verger.fast_attention._checks import check_padding_mask, check_qkv
+from verger.fast_attention._checks import FLOAT_DTYPES, check_eps, check_padding_mask, check_qkv
 from verger.fast_attention.feature_maps import (
     EluFeatureMap,
     FeatureMap,
@@ -56,15 +56,34 @@ def _features(
 _DEFAULT_ELU: dict[int, EluFeatureMap] = {}  # per head dim (a dict: dynamo warns on lru_cache)
 
 
-def _feature_map(spec: str | FeatureMap, head_dim: int, options: dict[str, Any]) -> FeatureMap:
+def _feature_map(
+    spec: str | FeatureMap, head_dim: int, options: dict[str, Any], *, recurrent: bool = False
+) -> FeatureMap:
     """``get_feature_map``, with the default elu+1 map built once per head dim: it holds no
-    parameters or state, and an ``nn.Module`` built per call is host time in every step."""
+    parameters or state, and an ``nn.Module`` built per call is host time in every step.
+    ``recurrent``: the map must be the same in later steps, so a random one by name (a new
+    draw per call) is refused."""
     if spec == "elu" and not options:
-        fm = _DEFAULT_ELU.get(head_dim)
-        if fm is None:
-            fm = _DEFAULT_ELU[head_dim] = EluFeatureMap(head_dim)
-        return fm
-    return get_feature_map(spec, head_dim, **options)
+        elu = _DEFAULT_ELU.get(head_dim)
+        if elu is None:
+            elu = _DEFAULT_ELU[head_dim] = EluFeatureMap(head_dim)
+        return elu
+    try:
+        fm = get_feature_map(spec, head_dim, **options)
+    except TypeError as err:
+        if not options:
+            raise
+        raise TypeError(
+            f"keyword(s) {sorted(options)} are neither linear attention's own nor options of "
+            f"this feature map: {err}"
+        ) from None
+    if recurrent and isinstance(spec, str) and fm.is_random:
+        raise ValueError(
+            f"feature_map={spec!r} by name draws new random features on every call, so a "
+            "recurrent state would not match the next step's map; build one instance "
+            f"(get_feature_map({spec!r}, head_dim)) and pass it to every call"
+        )
+    return fm
 
 
 def _fused_backend(
@@ -110,12 +129,11 @@ def linear_attention(
     then saves q and k rather than their features).
     """
     check_qkv(q, k, v, same_length=causal)
-    if not isinstance(eps, float | int) or eps < 0:
-        raise ValueError(f"eps={eps!r} must be a float >= 0")
+    check_eps(eps)
     if return_state and not causal:
         raise ValueError("return_state=True needs causal=True (the recurrent form is causal)")
     mask = check_padding_mask(key_padding_mask, k.shape[0], k.shape[2])
-    fm = _feature_map(feature_map, q.shape[-1], feature_map_options)
+    fm = _feature_map(feature_map, q.shape[-1], feature_map_options, recurrent=return_state)
     fused = _fused_backend(fm, q, k, v, backend) if causal and mask is None else None
     if fused is not None:
         out = causal_linear_fused(q, k, v, eps=float(eps), chunk_size=chunk_size, backend=fused)
@@ -174,18 +192,9 @@ def linear_attention_step(
     call (random-feature maps hold their projection). ``inplace=True`` updates ``state`` in
     place and returns it (no allocation per token; for decode loops that own their state).
     """
-    for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(
-                f"{name} must be a (batch, heads, dim) tensor, got "
-                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
-            )
-    if q_t.shape != k_t.shape or q_t.shape[:2] != v_t.shape[:2]:
-        raise ValueError(
-            f"q_t, k_t must match and share (batch, heads) with v_t; got {tuple(q_t.shape)}, "
-            f"{tuple(k_t.shape)}, {tuple(v_t.shape)}"
-        )
-    fm = _feature_map(feature_map, q_t.shape[-1], {})
+    _check_step_inputs(q_t, k_t, v_t)
+    check_eps(eps)
+    fm = _feature_map(feature_map, q_t.shape[-1], {}, recurrent=True)
     qf = fm(q_t, is_query=True)
     kf = fm(k_t, is_query=False)
     vv = v_t.to(compute_dtype(v_t.dtype))
@@ -194,11 +203,8 @@ def linear_attention_step(
         state = LinearAttentionState(
             s=kf.new_zeros(b, h, f, vv.shape[-1]), z=kf.new_zeros(b, h, f), steps=0
         )
-    elif state.s.shape[:3] != (*kf.shape[:2], kf.shape[-1]):
-        raise ValueError(
-            f"state.s has shape {tuple(state.s.shape)}, which does not fit features "
-            f"{tuple(kf.shape)} and values {tuple(v_t.shape)}"
-        )
+    else:
+        _check_state(state, kf, vv)
     b, h, f = kf.shape
     flat = state.s.view(b * h, f, -1)
     outer = (kf.reshape(b * h, f, 1), vv.reshape(b * h, 1, -1))
@@ -216,3 +222,45 @@ def linear_attention_step(
         state.steps += 1
         return out, state
     return out, LinearAttentionState(s=s, z=z, steps=state.steps + 1)
+
+
+def _check_step_inputs(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor) -> None:
+    for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(
+                f"{name} must be a (batch, heads, dim) tensor, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.dtype={t.dtype} is not one of {FLOAT_DTYPES}")
+    if q_t.shape != k_t.shape or q_t.shape[:2] != v_t.shape[:2]:
+        raise ValueError(
+            f"q_t, k_t must match and share (batch, heads) with v_t; got {tuple(q_t.shape)}, "
+            f"{tuple(k_t.shape)}, {tuple(v_t.shape)}"
+        )
+    if not (q_t.dtype == k_t.dtype == v_t.dtype):
+        raise TypeError(
+            f"q_t, k_t, v_t must share one dtype; got {q_t.dtype}, {k_t.dtype}, {v_t.dtype}"
+        )
+
+
+def _check_state(state: LinearAttentionState, kf: torch.Tensor, vv: torch.Tensor) -> None:
+    """The state must come from inputs of this batch, heads, feature and value size, in the
+    compute dtype and on the device of this step."""
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(
+            f"state must be a LinearAttentionState (from linear_attention(..., "
+            f"return_state=True) or an earlier step), got {type(state).__name__}"
+        )
+    b, h, f = kf.shape
+    if tuple(state.s.shape) != (b, h, f, vv.shape[-1]) or tuple(state.z.shape) != (b, h, f):
+        raise ValueError(
+            f"state has s {tuple(state.s.shape)} and z {tuple(state.z.shape)}, which do not fit "
+            f"this step: expected s (batch, heads, features, dv) = {(b, h, f, vv.shape[-1])} "
+            f"and z {(b, h, f)}"
+        )
+    if state.s.dtype != kf.dtype or state.z.dtype != kf.dtype or state.s.device != kf.device:
+        raise TypeError(
+            f"state holds {state.s.dtype} tensors on {state.s.device}; this step computes in "
+            f"{kf.dtype} on {kf.device} (fp32 for 16-bit inputs, fp64 for fp64)"
+        )

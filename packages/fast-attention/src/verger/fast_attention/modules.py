@@ -106,6 +106,7 @@ class LinearAttention(_Projected):
             raise ValueError("cache/use_cache need a causal LinearAttention (causal=True)")
         if cache is not None and not isinstance(cache, LinearAttentionState):
             raise TypeError(f"cache must be a LinearAttentionState, got {type(cache).__name__}")
+        _check_no_mask_with_cache(cache, key_padding_mask)
         q, k, v = self._qkv(x)
         if cache is None:
             result = linear_attention(
@@ -214,9 +215,8 @@ class ClusteredAttention(_Projected):
                 topk=self.topk, key_padding_mask=key_padding_mask,
             )  # fmt: skip
             return self._out(y), None
+        _check_no_mask_with_cache(cache, key_padding_mask)
         if cache is not None:
-            if key_padding_mask is not None:
-                raise ValueError("key_padding_mask applies to the prompt, not to cached steps")
             outs, state = [], cache
             for t in range(q.shape[2]):  # continuing a cached prefix: the recurrent form
                 o, state = causal_clustered_attention_step(
@@ -253,7 +253,16 @@ class ImprovedClusteredAttention(ClusteredAttention):
     """``ClusteredAttention`` with exact attention on each centroid's ``topk`` keys (default 32)."""
 
     def __init__(self, d_model: int, n_heads: int, *, topk: int = 32, **options: Any) -> None:
-        super().__init__(d_model, n_heads, topk=topk, **options)
+        # None would silently make it plain clustered attention (``ClusteredAttention``)
+        super().__init__(d_model, n_heads, topk=check_positive_int("topk", topk), **options)
+
+
+def _check_no_mask_with_cache(cache: object, key_padding_mask: Tensor | None) -> None:
+    """A padding mask describes a prompt; cached steps continue every sequence of the batch."""
+    if cache is not None and key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask applies to the prompt (cache=None), not to continuing from a cache"
+        )
 
 
 def register_with_core() -> bool:

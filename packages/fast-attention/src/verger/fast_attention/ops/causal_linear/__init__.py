@@ -11,9 +11,10 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from verger.fast_attention.feature_maps import compute_dtype, elu_plus_one
-from verger.fast_attention.ops._backend import pick_backend
+from verger.fast_attention.ops._backend import pick_backend, require_triton
 from verger.fast_attention.ops.causal_linear.chunked import (
     DEFAULT_CHUNK_SIZE,
     causal_linear_backward_chunked,
@@ -90,6 +91,7 @@ class _CausalProduct(torch.autograd.Function):
         return causal_product_chunked(q, k, v, chunk_size=chunk_size)
 
     @staticmethod
+    @once_differentiable  # a clear error on double backward, not one from inside the kernels
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
         if ctx.backend == "triton":
@@ -120,6 +122,8 @@ def causal_product(
     """
     _check_shapes(q, k, v, chunk_size)
     resolved = resolve_backend(backend, q.device, *_launch_shape(q, v), q.dtype)
+    if q.shape[-2] == 0:
+        return _empty_output(v, compute_dtype(q.dtype))
     if resolved == "reference":
         return causal_product_reference(q, k, v)
     if resolved == "triton" and q.dtype == torch.float64:
@@ -131,6 +135,12 @@ def causal_product(
 def _launch_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     """(widest head dim, batch*heads): what decides whether the Triton launch fits."""
     return max(q.shape[-1], v.shape[-1]), math.prod(q.shape[:-2])
+
+
+def _empty_output(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (..., 0, Dv) output of an empty sequence, still attached to v's graph (no kernel
+    and no chunk layout handles zero positions)."""
+    return v.to(dtype) * 0
 
 
 def _check_shapes(
@@ -175,6 +185,7 @@ class _CausalLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a clear error on double backward, not one from inside the kernels
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, den, res = ctx.saved_tensors
         if ctx.backend == "triton":  # `den` holds den + eps here (what the kernels use)
@@ -219,6 +230,8 @@ def causal_linear(
     """
     _check_shapes(q, k, v, chunk_size)
     resolved = resolve_backend(backend, q.device, *_launch_shape(q, v), q.dtype)
+    if q.shape[-2] == 0:
+        return _empty_output(v, compute_dtype(q.dtype))
     if resolved == "reference":
         return causal_linear_reference(q, k, v, eps)
     if resolved == "triton" and q.dtype == torch.float64:
@@ -266,6 +279,10 @@ def causal_linear_fused(
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
+    if backend == "triton" and q.device.type != "cuda":
+        require_triton(q.device)
+    if q.shape[-2] == 0:
+        return _empty_output(v, v.dtype)
     if backend == "torch":
         if schedule != "parallel":
             raise ValueError(

@@ -73,16 +73,28 @@ def hash_codes(
     offsets = torch.randn(bits, generator=generator, dtype=torch.float32, device=where)
     proj = x.detach().float() @ planes.to(x.device)
     w = torch.ones(g, n, 1, device=x.device) if valid is None else valid[..., None].float()
-    scale = ((proj.square() * w).sum((1, 2)) / (w.sum((1, 2)) * bits).clamp_min(1.0)).sqrt()
+    # nansum: a non-finite query spoils its own cluster, not every row's planes
+    scale = (torch.nansum(proj.square() * w, (1, 2)) / (w.sum((1, 2)) * bits).clamp_min(1.0)).sqrt()
     proj = proj + offsets.to(x.device) * scale[:, None, None]
     return (proj >= 0).float().mul_(2.0).sub_(1.0)
 
 
-def _initial_centroids(codes: torch.Tensor, n_clusters: int, lengths: torch.Tensor) -> torch.Tensor:
-    """Codes of queries spread evenly over each row's valid (leading) positions."""
+def _initial_centroids(
+    codes: torch.Tensor, n_clusters: int, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """Codes of queries spread evenly over each row's valid positions, wherever they are
+    (left or right padding, or holes): padded queries never seed a centroid."""
+    g, n, bits = codes.shape
     steps = torch.arange(n_clusters, device=codes.device, dtype=torch.float64)
-    idx = (steps[None, :] * lengths[:, None].double() / n_clusters).floor().long()
-    return codes.gather(1, idx[..., None].expand(-1, -1, codes.shape[-1]))
+    if valid is None:
+        idx = (steps * n / n_clusters).floor().long().expand(g, -1)
+    else:
+        # the valid positions first, in order (a stable sort of the mask), then the k-th
+        lengths = valid.sum(1).clamp_min(1)
+        order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True)[1]
+        rank = (steps[None, :] * lengths[:, None].double() / n_clusters).floor().long()
+        idx = order.gather(1, rank)
+    return codes.gather(1, idx[..., None].expand(-1, -1, bits))
 
 
 def _assign(
@@ -166,19 +178,16 @@ def hamming_kmeans(
     """Lloyd's k-means in Hamming space: returns (assignments (G, N), centroids (G, C, bits)).
 
     Centroids are per-bit majority votes of their members (ties to +1); an empty cluster keeps
-    its previous centroid. ``valid`` (G, N) bool restricts which rows vote (padding does not);
-    rows must be left-aligned (valid positions first), as with right padding. Every row is
-    still assigned to its nearest centroid. Stops early once the assignments are stable (a
+    its previous centroid. ``valid`` (G, N) bool restricts which rows seed the centroids and
+    vote (padded ones do not, wherever they are). Every row is still assigned to its nearest
+    centroid. Stops early once the assignments are stable (a
     fixed point: further iterations would change nothing). ``backend``: as in
     ``hamming_assign``; with Triton the loop is ``iterations + 1`` launches of one kernel and
     no host sync (``hamming_kmeans_triton``). Both backends give identical results.
     """
     g, n, bits = codes.shape
     backend = resolve_backend(backend, codes.device, bits)
-    lengths = (
-        torch.full((g,), n, device=codes.device) if valid is None else valid.sum(1).clamp_min(1)
-    )
-    centroids = _initial_centroids(codes, n_clusters, lengths)
+    centroids = _initial_centroids(codes, n_clusters, valid)
     if backend == "triton" and g <= MAX_GRID_Y:
         return hamming_kmeans_triton(codes, centroids, iterations, valid)
     weights = codes if valid is None else codes * valid[..., None]

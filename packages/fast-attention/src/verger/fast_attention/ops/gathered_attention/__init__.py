@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.gathered_attention.reference import gathered_attention_reference
@@ -45,6 +46,7 @@ class _GatheredAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, key_rows, key_ok, out, lse, query_pos, key_pos = ctx.saved_tensors
         positions = (query_pos, key_pos) if query_pos is not None and key_pos is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.rescaled_scan.reference import (
@@ -43,6 +44,7 @@ class _RescaledPrefix(torch.autograd.Function):
         return out_m, out_s, out_z
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable themselves
     def backward(ctx: Any, _: Any, d_out_s: torch.Tensor | None, d_out_z: Any) -> Any:
         m, out_m = ctx.saved_tensors
         g, nb, c = m.shape
