@@ -27,6 +27,22 @@ def _passive_openmp() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "verger.fast_attention", *sys.argv[1:]], env)
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad options end as a usage error (exit 2) before any work starts."""
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: is a file; give a folder (created if missing)")
+    if args.command == "bench":
+        if args.threads < 1:
+            parser.error(f"--threads {args.threads}: must be >= 1")
+        return
+    from verger.fast_attention.demo import check_demo_args
+
+    try:
+        check_demo_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # a real command line (not a test calling main([...]))
         _passive_openmp()
@@ -57,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="checkpoint every N steps (default: a quarter of the run, at least 10)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.command == "bench":
         from verger.fast_attention.bench import check_targets, run_bench
 

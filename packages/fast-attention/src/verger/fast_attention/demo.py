@@ -176,19 +176,24 @@ def _train(
     return _step_records(args.out / "logs" / name / "metrics.jsonl")
 
 
-def run_demo(args: argparse.Namespace) -> Report:
-    quick = bool(args.quick)
-    seq_len, batch = (128, 8) if quick else (256, 16)
-    steps = args.steps if args.steps is not None else (60 if quick else 800)
-    if steps < 2:
-        raise ValueError(f"--steps {steps}: must be >= 2 (throughput is a median step time)")
-    names = list(dict.fromkeys(args.attentions or ATTENTIONS))
-    unknown = [n for n in names if n not in ATTENTIONS]
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the bad option before any work starts."""
+    if args.steps is not None and args.steps < 2:
+        raise ValueError(f"--steps {args.steps}: must be >= 2 (throughput is a median step time)")
+    unknown = [n for n in args.attentions or () if n not in ATTENTIONS]
     if unknown:
         raise ValueError(f"--attentions: unknown {unknown}; choose from {list(ATTENTIONS)}")
     every = args.checkpoint_every
     if every is not None and (not isinstance(every, int) or every < 0):
         raise ValueError(f"--checkpoint-every {every}: must be >= 0 (0: only at the end)")
+
+
+def run_demo(args: argparse.Namespace) -> Report:
+    check_demo_args(args)
+    quick = bool(args.quick)
+    seq_len, batch = (128, 8) if quick else (256, 16)
+    steps = args.steps if args.steps is not None else (60 if quick else 800)
+    names = list(dict.fromkeys(args.attentions or ATTENTIONS))
     contexts = [128, 1024] if quick else [256, 1024, 4096, 8192]
     device = resolve_device(args.device)
     torch.set_num_threads(2)
