@@ -180,10 +180,10 @@ def hamming_kmeans(
     Centroids are per-bit majority votes of their members (ties to +1); an empty cluster keeps
     its previous centroid. ``valid`` (G, N) bool restricts which rows seed the centroids and
     vote (padded ones do not, wherever they are). Every row is still assigned to its nearest
-    centroid. Stops early once the assignments are stable (a
-    fixed point: further iterations would change nothing). ``backend``: as in
-    ``hamming_assign``; with Triton the loop is ``iterations + 1`` launches of one kernel and
-    no host sync (``hamming_kmeans_triton``). Both backends give identical results.
+    centroid. Stops early once the assignments are stable (a fixed point: further iterations
+    would change nothing). ``backend``: as in ``hamming_assign``; with Triton the loop is
+    ``iterations + 1`` launches of one kernel and no host sync (``hamming_kmeans_triton``).
+    Both backends give identical results.
     """
     g, n, bits = codes.shape
     backend = resolve_backend(backend, codes.device, bits)
