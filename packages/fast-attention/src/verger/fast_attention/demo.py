@@ -189,7 +189,8 @@ def check_demo_args(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> Report:
-    check_demo_args(args)
+    """Train, evaluate and time each attention; ``args`` as ``check_demo_args`` accepts them
+    (the CLI checks them first, so a bad option is a usage error before any work)."""
     quick = bool(args.quick)
     seq_len, batch = (128, 8) if quick else (256, 16)
     steps = args.steps if args.steps is not None else (60 if quick else 800)

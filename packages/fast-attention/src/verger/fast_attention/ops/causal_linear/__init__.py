@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from verger.fast_attention.feature_maps import compute_dtype, elu_plus_one
-from verger.fast_attention.ops._backend import pick_backend, require_triton
+from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.causal_linear.chunked import (
     DEFAULT_CHUNK_SIZE,
     causal_linear_backward_chunked,
@@ -268,8 +268,7 @@ def causal_linear_fused(
     holds two fewer (N, D) tensors than ``causal_linear`` on precomputed features.
     """
     _check_shapes(q, k, v, chunk_size)
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend={backend!r} is not one of ('triton', 'torch')")
+    backend = pick_backend(backend, q.device, choices=("triton", "torch"))
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError(
             "causal_linear_fused(backend='triton') runs float32/float16/bfloat16 inputs, not "
@@ -279,8 +278,6 @@ def causal_linear_fused(
         raise ValueError(f"feature_map={feature_map!r} is not one of {FUSED_FEATURE_MAPS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-    if backend == "triton" and q.device.type != "cuda":
-        require_triton(q.device)
     if q.shape[-2] == 0:
         return _empty_output(v, v.dtype)
     if backend == "torch":
