@@ -62,6 +62,7 @@ def test_cli_rejects_unknown_command():
         (["demo", "--steps", "0"], "--steps 0: must be >= 2"),  # 0 is not "the default"
         (["bench", "--threads", "0"], "--threads 0: must be >= 1"),
         (["bench", "--out", "FILE"], "is a file"),
+        (["demo", "--device", "gpu"], "is not a device"),
     ],
 )
 def test_bad_options_are_usage_errors_before_any_work(argv, message, tmp_path, capsys):

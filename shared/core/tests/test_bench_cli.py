@@ -51,3 +51,38 @@ def test_demo_trains_and_reports_per_domain_validation_loss(tmp_path) -> None:
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--device", "tpu", "is not a device"),
+        ("--device", "cuda:99", "CUDA"),  # no machine has 100 GPUs, and most here have none
+        ("--seed", "-1", "must be in [0, 2**63)"),
+        ("--seed", "one", "is not an int"),
+    ],
+)
+def test_shared_options_refuse_bad_values_as_usage_errors(option, value, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and message in err
+
+
+def test_out_must_be_a_folder(tmp_path, capsys) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(a_file)])
+    assert exit_info.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "x"  # untouched
+
+
+def test_shared_options_keep_what_was_given(tmp_path) -> None:
+    from verger.core.__main__ import build_parser
+
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--seed", "7", "--out", "x"])
+    assert (args.device, args.seed, str(args.out)) == ("cpu", 7, "x")
+    assert build_parser().parse_args(["bench"]).device == "auto"

@@ -28,9 +28,8 @@ def _passive_openmp() -> None:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Bad options end as a usage error (exit 2) before any work starts."""
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: is a file; give a folder (created if missing)")
+    """Bad options end as a usage error (exit 2) before any work starts (the shared ones,
+    ``--out``, ``--device`` and ``--seed``, are checked as they are parsed)."""
     if args.command == "bench":
         if args.threads < 1:
             parser.error(f"--threads {args.threads}: must be >= 1")
