@@ -1,11 +1,14 @@
 """Multi-process gloo runs equal the single-process simulator; crash, then exact resume."""
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from verger.core.distributed import run_multiprocess
 from verger.core.testing import assert_close
-from verger.sparse_diloco import DiLoCoConfig
+from verger.sparse_diloco import DiLoCo, DiLoCoConfig, ProcessGroupTransport, SubsetPlan
 from verger.sparse_diloco.runner import TrainSpec, distributed_main, distributed_runs, train_run
+from verger.sparse_diloco.toy import ToyData, toy_loss, toy_model
 
 
 def spec(**kw):
@@ -90,3 +93,79 @@ def test_train_spec_and_world_size_validation():
         TrainSpec(rounds=0)
     with pytest.raises(ValueError, match="task="):
         train_run(TrainSpec(task="nope"))
+
+
+def uneven_engine(transport=None):
+    """2 workers on whole tensors of unequal total size (worker 1 trains the larger part)."""
+    model = toy_model(depth=3)
+    preds = [lambda n, p: "blocks.0" in n, lambda n, p: "blocks.0" not in n]
+    plan = SubsetPlan.from_predicates(model, preds)
+    config = DiLoCoConfig(num_workers=2, inner_steps=2, inner_lr=3e-3, compression_bits=8)
+    return DiLoCo(model, plan, config, loss_fn=toy_loss, data=ToyData(), transport=transport)
+
+
+def uneven_rank():
+    """Train `uneven_engine` on this rank, counting the bytes this rank transmits."""
+    sent = []
+    real_all_gather, real_broadcast = dist.all_gather, dist.broadcast
+
+    def all_gather(outputs, tensor, group=None, **kw):
+        sent.append(tensor.numel() * tensor.element_size())  # every rank sends its input
+        return real_all_gather(outputs, tensor, group=group, **kw)
+
+    def broadcast(tensor, src=None, group=None, **kw):
+        if src == dist.get_rank():  # only the source sends
+            sent.append(tensor.numel() * tensor.element_size())
+        return real_broadcast(tensor, src=src, group=group, **kw)
+
+    dist.all_gather, dist.broadcast = all_gather, broadcast
+    try:
+        engine = uneven_engine(ProcessGroupTransport())
+        engine.train(2)
+    finally:
+        dist.all_gather, dist.broadcast = real_all_gather, real_broadcast
+    params = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    return params, engine.bytes_sent, sum(sent)
+
+
+def test_uneven_payloads_put_exactly_the_counted_bytes_on_the_wire():
+    sim = uneven_engine()
+    sizes = sim._sizes(sim.plan.names)
+    assert sizes[0] < sizes[1]  # padding to the longest would inflate worker 0's share
+    sim.train(2)
+    ranks = run_multiprocess(uneven_rank, 2)
+    assert sum(wire for _, _, wire in ranks) == sim.bytes_sent == 2 * sum(sizes)
+    for params, counted, _ in ranks:
+        assert counted == sim.bytes_sent
+        for n, p in sim.model.named_parameters():
+            assert torch.equal(params[n], p.detach()), n
+
+
+def small_spec(workers=4, fragments=1, plan="mlp", **kw):
+    config = DiLoCoConfig(num_workers=workers, inner_steps=4, num_fragments=fragments)
+    return TrainSpec(task="toy", config=config, plan=plan, rounds=kw.pop("rounds", 1), **kw)
+
+
+@pytest.mark.parametrize(
+    "changed,match",
+    [
+        (dict(workers=8), "num_workers=4 there, 8 here"),  # used to start afresh silently
+        (dict(workers=2), "num_workers"),
+        (dict(plan="full"), "another plan"),
+        (dict(fragments=2), "num_fragments=1 there, 2 here"),
+    ],
+)
+def test_resuming_another_setup_is_refused_clearly(tmp_path, changed, match):
+    train_run(small_spec(checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=match):
+        train_run(small_spec(rounds=2, checkpoint_dir=str(tmp_path), **changed))
+    resumed = train_run(small_spec(rounds=2, checkpoint_dir=str(tmp_path)))
+    assert resumed["resumed_from"] == 1  # the refused attempts wrote nothing
+
+
+def test_damaged_checkpoint_file_is_named(tmp_path):
+    train_run(small_spec(rounds=2, checkpoint_dir=str(tmp_path)))
+    path = tmp_path / "round_000002" / "worker_1.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint file .*worker_1\.pt"):
+        train_run(small_spec(rounds=3, checkpoint_dir=str(tmp_path)))

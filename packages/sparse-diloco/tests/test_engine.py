@@ -204,3 +204,65 @@ def test_count_scaled_outer_step_equals_masked_reference():
     assert torch.allclose(scale, torch.tensor([0.5, 0.5**0.5, 1.0]))  # sqrt(m / W), W = 4
     with pytest.raises(ValueError, match="outer_lr_scaling="):
         DiLoCoConfig(outer_lr_scaling="linear")
+
+
+def test_plan_for_a_model_of_other_shapes_is_refused_before_training():
+    plan = SubsetPlan.mlp_slices(toy_model(hidden=32), 4)  # same names, other MLP width
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp.w_gate.weight' has shape \(64, 16\)"):
+        DiLoCo(toy_model(hidden=64), plan, DiLoCoConfig(**CFG), loss_fn=toy_loss, data=ToyData())
+    with pytest.raises(ValueError, match="names or shapes"):
+        build_worker_model(toy_model(hidden=64), plan, 0)
+
+
+def test_a_worker_with_nothing_to_train_is_refused_by_name():
+    plan = SubsetPlan.from_predicates(toy_model(), [lambda n, p: True, lambda n, p: False])
+    config = DiLoCoConfig(num_workers=2, inner_steps=2)
+    with pytest.raises(ValueError, match=r"worker\(s\) \[1\] train no parameter"):
+        DiLoCo(toy_model(), plan, config, loss_fn=toy_loss, data=ToyData())
+
+
+def test_streaming_sync_moves_only_its_fragment_even_with_stale_grads():
+    """Gradients left on the global model (a user's sanity-check backward) are not applied."""
+    model = toy_model()
+    toy_loss(model, ToyData().batch(99, 0)).backward()
+    plan = SubsetPlan.mlp_slices(model, 4)
+    engine = DiLoCo(
+        model, plan, DiLoCoConfig(**CFG, num_fragments=2), loss_fn=toy_loss, data=ToyData()
+    )
+    for worker in engine.workers.values():
+        engine.inner_step(worker)
+    first, second = engine.fragments
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine.sync(first)
+    for n in second:  # not synced: bit-identical
+        assert torch.equal(model.get_parameter(n), before[n]), n
+    assert all(not torch.equal(model.get_parameter(n), before[n]) for n in first)
+
+
+def test_island_share_needs_equal_rows_per_rank():
+    """Averaging per-rank mean gradients equals the batch gradient only for equal shares."""
+    plan = SubsetPlan.full(toy_model(), 4)
+    engine = DiLoCo(
+        toy_model(), plan, DiLoCoConfig(**CFG), loss_fn=toy_loss, data=ToyData(batch_size=15)
+    )
+    engine.island_size = 2  # as if the worker were an island of 2 ranks
+    with pytest.raises(ValueError, match="divisible by 2"):
+        engine.inner_step(engine.workers[0])
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("outer_lr", float("inf")),
+        ("inner_lr", "1e-3"),
+        ("inner_weight_decay", float("inf")),
+        ("inner_betas", 0.9),
+        ("inner_betas", (0.9, float("nan"))),
+        ("grad_clip", float("inf")),
+        ("nesterov", "yes"),
+        ("inner_warmup", True),
+    ],
+)
+def test_config_rejects_non_finite_and_mistyped_values_by_name(field, value):
+    with pytest.raises(ValueError, match=f"{field}="):
+        DiLoCoConfig(**{field: value})

@@ -13,16 +13,31 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from verger.core.bench import add_cli_args
 
+if TYPE_CHECKING:
+    from verger.sparse_diloco.runner import TrainSpec
 
-def _train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+LM_SIZES = ("tiny", "small", "125m", "1.3b")  # verger.sparse_diloco.lm.LM_SIZES (test-checked)
 
-    from verger.core.train.atomic import atomic_write_text
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value is a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def _train_spec(args: argparse.Namespace) -> TrainSpec:
+    """The run ``args`` describe; raises ``ValueError`` on a bad value (a usage error)."""
     from verger.sparse_diloco.config import DiLoCoConfig
-    from verger.sparse_diloco.runner import TrainSpec, distributed_main, train_run
+    from verger.sparse_diloco.runner import TrainSpec
 
     device = (
         "cuda"
@@ -44,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
         partial_lr_scaling=args.partial_lr_scaling,
         outer_lr_scaling=args.outer_lr_scaling,
     )
-    spec = TrainSpec(
+    return TrainSpec(
         task="lm",
         task_options=task_options,
         plan=args.plan,
@@ -58,6 +73,14 @@ def _train(args: argparse.Namespace) -> int:
         inner_engine=args.inner_engine,
         zero_stage=args.zero_stage,
     )
+
+
+def _train(spec: TrainSpec, args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from verger.core.train.atomic import atomic_write_text
+    from verger.sparse_diloco.runner import distributed_main, train_run
+
     if "RANK" in os.environ:  # launched by torchrun: one worker per rank
         from verger.core.distributed import init_distributed
 
@@ -100,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_parser("train", help="train a LM with DiLoCo / partial updates"),
         default_out="build/train/sparse-diloco",
     )
-    train.add_argument("--size", default="tiny", help="tiny | small | 125m | 1.3b")
+    train.add_argument("--size", default="tiny", choices=LM_SIZES)
     train.add_argument("--plan", default="mlp", choices=["full", "mlp"], help="full = DiLoCo")
     train.add_argument("--num-slices", type=int, default=None, help="k of '1/k MLP' (default W)")
     train.add_argument("--overlap", type=float, default=0.0)
@@ -126,8 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--fragments", type=int, default=1, help="> 1: streaming DiLoCo")
     train.add_argument("--bits", type=int, default=32, choices=[4, 8, 32])
     train.add_argument("--rounds", type=int, default=10)
-    train.add_argument("--seq-len", type=int, default=64)
-    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--seq-len", type=_positive_int, default=64)
+    train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--checkpoint-dir", default=None)
     train.add_argument(
         "--inner-engine",
@@ -146,8 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ.get("VERGER_THREADS", "1")))
     if args.command == "train":
         if args.quick:
-            args.rounds, args.inner_steps = min(args.rounds, 3), min(args.inner_steps, 10)
-        return _train(args)
+            # at most 10 inner steps, kept a multiple of --fragments when that is possible
+            steps = min(args.inner_steps, 10)
+            if args.fragments >= 1 and args.inner_steps % args.fragments == 0:
+                steps = max(args.fragments, steps - steps % args.fragments)
+            args.rounds, args.inner_steps = min(args.rounds, 3), steps
+        try:  # bad values are usage errors (exit 2), caught before any work starts
+            spec = _train_spec(args)
+        except ValueError as exc:
+            train.error(str(exc))
+        return _train(spec, args)
     if args.command == "bench":
         from verger.sparse_diloco.bench import run_bench
 

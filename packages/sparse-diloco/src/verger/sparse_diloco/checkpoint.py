@@ -2,23 +2,28 @@
 
 Layout: ``DIR/round_000012/global.pt`` (anchor parameters, outer momentum, counters) and
 ``DIR/round_000012/worker_3.pt`` (trained coordinates, AdamW state, data position), each file
-written atomically. In a multi-process run every rank writes its own worker file and rank 0
-the global one; a round is complete, and can be resumed, only when all W+1 files exist, so a
-crash mid-save falls back to the previous round with nothing lost.
+written atomically, and ``DIR/setup.json`` (worker count, fragments, parameter shapes, plan):
+resuming with another setup raises ``ValueError`` instead of mixing two runs' files. In a
+multi-process run every rank writes its own worker file and rank 0 the global one; a round is
+complete, and can be resumed, only when all W+1 files exist, so a crash mid-save falls back to
+the previous round with nothing lost.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from verger.core.train.atomic import atomic_path
+from verger.core.train.atomic import atomic_path, atomic_write_json
 from verger.sparse_diloco.engine import DiLoCo
 
 _ROUND = re.compile(r"^round_(\d{6})$")
+SETUP_FILE = "setup.json"
 
 
 class RunCheckpointer:
@@ -44,6 +49,9 @@ class RunCheckpointer:
         """
         folder = self._round_dir(engine.rounds_done)
         folder.mkdir(parents=True, exist_ok=True)
+        self.check_setup(engine)
+        if write_global and not (self.directory / SETUP_FILE).is_file():
+            atomic_write_json(self.directory / SETUP_FILE, engine.run_setup())
         for k in engine.workers:
             if not (write_workers or engine.collective_worker_state):
                 continue
@@ -69,19 +77,60 @@ class RunCheckpointer:
                 done.append(int(m.group(1)))
         return sorted(done)
 
+    def check_setup(self, engine: DiLoCo) -> None:
+        """Raise ``ValueError`` when ``directory`` holds a run of another setup.
+
+        Without this, another worker count would silently start afresh over the old files
+        (its rounds are never complete) and another plan would fail deep in a tensor copy.
+        Directories written before ``setup.json`` existed are not checked.
+        """
+        path = self.directory / SETUP_FILE
+        if not path.is_file():
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {path} ({exc}); it is damaged") from exc
+        current = engine.run_setup()
+        differ = [key for key in current if saved.get(key) != current[key]]
+        if differ:
+            details = ", ".join(
+                f"{key}={saved.get(key)} there, {current[key]} here"
+                for key in differ
+                if key in ("num_workers", "num_fragments")
+            )
+            raise ValueError(
+                f"checkpoint directory {self.directory} holds a run with another "
+                f"{' / '.join(differ)} ({details or 'see ' + str(path)}); resume with the same "
+                "setup or use another checkpoint directory"
+            )
+
     def load_latest(self, engine: DiLoCo) -> int | None:
         """Restore the newest complete round into ``engine``; returns its index or None."""
+        self.check_setup(engine)
         rounds = self.complete_rounds(engine.config.num_workers)
         if not rounds:
             return None
         folder = self._round_dir(rounds[-1])
-        engine.load_global_state_dict(torch.load(folder / "global.pt", weights_only=False))
+        engine.load_global_state_dict(_load(folder / "global.pt"))
         for k in engine.workers:
-            state = torch.load(folder / f"worker_{k}.pt", weights_only=False)
-            engine.load_worker_state_dict(k, state)
+            engine.load_worker_state_dict(k, _load(folder / f"worker_{k}.pt"))
         return rounds[-1]
 
     def _prune(self, num_workers: int) -> None:
         rounds = self.complete_rounds(num_workers)
         for r in rounds[: -self.keep]:
             shutil.rmtree(self._round_dir(r), ignore_errors=True)
+
+
+def _load(path: Path) -> Any:
+    """``torch.load`` with an error that names the file and the way out."""
+    try:
+        # tensors land on the CPU: loading copies them into the engine's own tensors, so a
+        # GPU run's checkpoint also resumes on a machine without that device
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot read checkpoint file {path} ({type(exc).__name__}: {exc}); the file is "
+            f"damaged: delete {path.parent} to resume from the previous complete round"
+        ) from exc

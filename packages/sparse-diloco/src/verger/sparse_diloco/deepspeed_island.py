@@ -31,7 +31,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from verger.sparse_diloco.engine import DiLoCo, NonFiniteLossError, Worker, _island_mean
+from verger.sparse_diloco.engine import (
+    DiLoCo,
+    NonFiniteLossError,
+    Worker,
+    _island_mean,
+    island_share,
+)
 from verger.sparse_diloco.partial import (
     PartialLinear,
     build_worker_model,
@@ -93,7 +99,7 @@ class DeepSpeedDiLoCo(DiLoCo):
         """One ZeRO AdamW step on the island's share of the batch; returns the island loss."""
         engine = self.engines[worker.index]
         batch = self.data.batch(worker.index, worker.step)
-        batch = tuple(t[self.island_rank :: self.island_size] for t in batch)
+        batch = island_share(batch, self.island_rank, self.island_size)
         loss = self.loss_fn(engine, batch)  # the engine's forward is the module's
         value = _island_mean(float(loss.detach()), self.island_group, self.island_size)
         if not torch.isfinite(torch.tensor(value)):

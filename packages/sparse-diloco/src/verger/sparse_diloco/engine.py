@@ -98,6 +98,18 @@ class DiLoCo:
         self.anchor: dict[str, nn.Parameter] = dict(model.named_parameters())
         if list(self.anchor) != plan.names:
             raise ValueError("the plan was built for another model (parameter names differ)")
+        for n, p in self.anchor.items():  # same names, other sizes: fail now, not at the sync
+            if p.shape != plan.shapes[n]:
+                raise ValueError(
+                    f"the plan was built for another model: {n!r} has shape {tuple(p.shape)} "
+                    f"here, {tuple(plan.shapes[n])} in the plan"
+                )
+        idle = [k for k in range(plan.num_workers) if plan.trained_numel(k) == 0]
+        if idle:
+            raise ValueError(
+                f"worker(s) {idle} train no parameter under this plan; give every worker a "
+                "non-empty subset (or use fewer workers)"
+            )
         self.outer = torch.optim.SGD(
             list(self.anchor.values()),
             lr=config.outer_lr,
@@ -138,7 +150,7 @@ class DiLoCo:
         """One AdamW step on the worker's subset; returns the loss."""
         batch = self.data.batch(worker.index, worker.step)
         if self.island_size > 1:
-            batch = tuple(t[self.island_rank :: self.island_size] for t in batch)
+            batch = island_share(batch, self.island_rank, self.island_size)
         loss = self.loss_fn(worker.model, batch)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -193,6 +205,9 @@ class DiLoCo:
         payloads = {k: self.pseudo_gradient(w, names) for k, w in self.workers.items()}
         gathered = self.transport.exchange(payloads, sizes)
         self.bytes_sent += sum(sizes)
+        # SGD steps every tensor holding a .grad: drop any left on the global model (by the
+        # user, before or between rounds) so that only the synced ``names`` move
+        self.outer.zero_grad(set_to_none=True)
         sums = {n: torch.zeros_like(self.anchor[n]) for n in names}
         for k, payload in enumerate(gathered):
             selected = list(iter_selected(self.plan, k, names))
@@ -250,6 +265,23 @@ class DiLoCo:
         return self.syncs // self.config.num_fragments
 
     # ---- state ----------------------------------------------------------------------------
+    def run_setup(self) -> dict[str, Any]:
+        """What a checkpoint of this run can only be resumed with (JSON-serializable).
+
+        The worker count, the fragments (the sync counter means rounds x F), the parameter
+        shapes and every worker's selections: the saved worker states and outer momentum
+        are laid out for exactly these. Hyper-parameters such as learning rates may change.
+        """
+        return {
+            "num_workers": self.config.num_workers,
+            "num_fragments": self.config.num_fragments,
+            "shapes": {n: list(s) for n, s in self.plan.shapes.items()},
+            "plan": [
+                {n: [sel.dim, sel.start, sel.stop] for n, sel in a.items()}
+                for a in self.plan.assignments
+            ],
+        }
+
     def global_state_dict(self) -> dict[str, Any]:
         """Anchor parameters, outer momentum and counters (identical on every process)."""
         return {
@@ -303,6 +335,21 @@ def inner_state_numel(worker: Worker) -> dict[str, int]:
         if isinstance(t, torch.Tensor) and t.dim() > 0
     )
     return {"trainable": trainable, "optimizer_state": state}
+
+
+def island_share(batch: Any, rank: int, size: int) -> tuple[torch.Tensor, ...]:
+    """Island rank ``rank``'s rows (``rank::size``) of every tensor of ``batch``.
+
+    The island averages its ranks' gradients of per-rank mean losses; that equals the
+    gradient of the whole batch only when every rank gets the same number of rows.
+    """
+    rows = {t.shape[0] for t in batch}
+    if len(rows) != 1 or next(iter(rows)) % size:
+        raise ValueError(
+            f"an island of {size} ranks needs batches whose tensors share a row count "
+            f"divisible by {size}; got row counts {sorted(rows)}"
+        )
+    return tuple(t[rank::size] for t in batch)
 
 
 def _island_mean(value: float, group: dist.ProcessGroup | None, size: int) -> float:

@@ -131,11 +131,15 @@ def build_worker_model(
     """
     if not 0 <= worker < plan.num_workers:
         raise ValueError(f"worker={worker} must be in [0, {plan.num_workers})")
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    if shapes != plan.shapes:
+        wrong = sorted(
+            n for n in shapes.keys() | plan.shapes.keys() if shapes.get(n) != plan.shapes.get(n)
+        )
+        raise ValueError(
+            f"the plan does not match the model's parameters (names or shapes, e.g. {wrong[:3]})"
+        )
     local = copy.deepcopy(model)
-    names = set(dict(local.named_parameters()))
-    if names != set(plan.shapes):
-        missing = sorted(names.symmetric_difference(plan.shapes))[:3]
-        raise ValueError(f"the plan does not match the model's parameters (e.g. {missing})")
     for name in plan.names:
         sel = plan.selection(worker, name)
         if sel is None or sel.is_whole:

@@ -20,7 +20,7 @@ from torch import nn
 from verger.sparse_diloco.checkpoint import RunCheckpointer
 from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.engine import BatchSource, DiLoCo, LossFn
-from verger.sparse_diloco.subset import SubsetPlan
+from verger.sparse_diloco.subset import OTHERS_POLICIES, SubsetPlan
 from verger.sparse_diloco.transport import ProcessGroupTransport, Transport
 
 PLANS = ("full", "mlp")
@@ -104,6 +104,19 @@ class TrainSpec:
             raise ValueError(f"rounds={self.rounds!r} must be a positive int")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every={self.eval_every!r} must be a positive int")
+        # the plan is built from the model later: check its options before any work starts
+        if self.num_slices is not None and (
+            not isinstance(self.num_slices, int)
+            or isinstance(self.num_slices, bool)
+            or self.num_slices < 1
+        ):
+            raise ValueError(f"num_slices={self.num_slices!r} must be a positive int or None")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap={self.overlap!r} must be in [0, 1)")
+        if self.others not in OTHERS_POLICIES:
+            raise ValueError(f"others={self.others!r} must be one of {OTHERS_POLICIES}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"zero_stage={self.zero_stage!r} must be 1 or 2")
 
     def make_plan(self, model: nn.Module) -> SubsetPlan:
         if self.plan == "full":

@@ -144,7 +144,7 @@ class SubsetPlan:
         """
         _check_workers(num_workers)
         k = num_workers if num_slices is None else num_slices
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"num_slices={num_slices!r} must be a positive int")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap={overlap!r} must be in [0, 1)")

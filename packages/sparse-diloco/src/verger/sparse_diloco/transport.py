@@ -3,7 +3,7 @@
 Both transports return every worker's payload in worker order, and every receiver sums them in
 that order, so the simulator and a multi-process run produce bit-identical global states.
 (An all-reduce would leave the summation order to the backend.) Payloads are byte tensors
-whose sizes every rank knows in advance from the plan; a worker sends only its own.
+whose sizes every rank knows in advance from the plan; a worker sends only its own, unpadded.
 """
 
 from __future__ import annotations
@@ -82,16 +82,35 @@ class ProcessGroupTransport:
     ) -> list[torch.Tensor]:
         if set(payloads) != {self.worker}:
             raise ValueError(f"rank of worker {self.worker} got payloads for {sorted(payloads)}")
-        longest = max(sizes)
-        mine = torch.zeros(longest, dtype=torch.uint8, device=self.device)
-        mine[: sizes[self.worker]] = payloads[self.worker].to(self.device)
-        gathered = [torch.empty_like(mine) for _ in range(self.num_workers)]
+        if not any(sizes):  # nothing trained in this fragment anywhere: nothing to send
+            return [torch.zeros(0, dtype=torch.uint8) for _ in sizes]
+        mine = payloads[self.worker].to(self.device)
         try:
-            dist.all_gather(gathered, mine, group=self.group)
+            if len(set(sizes)) == 1:  # equal sizes: one all-gather
+                gathered = [torch.empty_like(mine) for _ in range(self.num_workers)]
+                dist.all_gather(gathered, mine, group=self.group)
+            else:
+                # Unequal sizes (uneven plans): an all-gather would pad every payload to the
+                # longest and put more on the wire than the bytes counted; one broadcast per
+                # worker sends exactly its own bytes, received in worker order as before.
+                gathered = []
+                for k, n in enumerate(sizes):
+                    buf = (
+                        mine
+                        if k == self.worker
+                        else torch.empty(n, dtype=torch.uint8, device=self.device)
+                    )
+                    if n:
+                        dist.broadcast(buf, src=self._global_rank(k), group=self.group)
+                    gathered.append(buf)
         except Exception as exc:  # gloo/NCCL report a dead peer as a generic RuntimeError
             raise WorkerLostError(
                 f"worker {self.worker}: a peer left during the pseudo-gradient exchange "
                 f"({type(exc).__name__}: {exc}); restart the run to resume from the last "
                 "checkpoint"
             ) from exc
-        return [g[:n] for g, n in zip(gathered, sizes)]
+        return gathered
+
+    def _global_rank(self, worker: int) -> int:
+        """The global rank of ``worker`` (its rank in ``group``), as broadcast's ``src`` wants."""
+        return worker if self.group is None else dist.get_global_rank(self.group, worker)
