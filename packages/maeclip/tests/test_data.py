@@ -171,3 +171,54 @@ def test_collate_stacks_and_tokenizes(tokenizer_micro, mnist_micro):
     images, texts = ImageTextCollate(tokenizer_micro)([mnist_micro[0], mnist_micro[1]])
     assert images.shape == (2, 3, 16, 16) and texts.shape == (2, 16)
     assert tokenizer_micro.decode(texts[0].tolist()) == mnist_micro.captions[0]
+
+
+def test_csv_loader_reports_short_rows_and_reads_a_byte_order_mark(tmp_path):
+    _write_pngs(tmp_path, 2)
+    # a row without its caption cell (DictReader fills it with None)
+    (tmp_path / "short.csv").write_text("filepath,title\nimg0.png,a cat\nimg1.png\n")
+    with pytest.raises(ValueError, match=r"rows \[1\] have an empty caption"):
+        CsvImageText(tmp_path / "short.csv", image_size=16)
+    (tmp_path / "nopath.csv").write_text("filepath,title\nimg0.png,a cat\n,a dog\n")
+    with pytest.raises(ValueError, match=r"rows \[1\] have an empty image path"):
+        CsvImageText(tmp_path / "nopath.csv", image_size=16)
+    # spreadsheet exports put a BOM before the first column name
+    (tmp_path / "bom.csv").write_text("\ufefffilepath,title\nimg1.png,noise\n", encoding="utf-8")
+    data = CsvImageText(tmp_path / "bom.csv", image_size=16)
+    assert data.captions == ["noise"] and data.paths == [tmp_path / "img1.png"]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_webdataset_corrupt_shards_and_images_are_named(tmp_path):
+    import io
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(png, format="PNG")
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar archive" * 40)
+    with pytest.raises(ValueError, match=r"garbage\.tar: corrupt or unreadable tar shard"):
+        list(WebDatasetShards([garbage], image_size=16))
+    good = _tar(tmp_path / "good.tar", [("a.png", png.getvalue()), ("a.txt", b"black")])
+    torn = tmp_path / "torn.tar"
+    torn.write_bytes(good.read_bytes()[:700])  # cut inside the first member's data
+    with pytest.raises(ValueError, match=r"torn\.tar: corrupt or unreadable tar shard"):
+        list(WebDatasetShards([torn], image_size=16))
+    bad_image = _tar(
+        tmp_path / "bad.tar",
+        [("a.png", png.getvalue()), ("a.txt", b"ok"), ("b.png", b"not a png"), ("b.txt", b"x")],
+    )
+    reader = iter(WebDatasetShards([bad_image], image_size=16))
+    assert next(reader)[1] == "ok"
+    with pytest.raises(ValueError, match=r"bad\.tar: sample 'b' has an unreadable image"):
+        next(reader)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,14 +54,61 @@ def _train_two_ranks() -> dict:
     }
 
 
-def _all_checks() -> dict:
+def _resume_two_ranks(folder: str) -> dict:
+    """4 steps straight vs 2 + resume: each rank must get its own mask RNG stream back."""
+    from verger.maeclip import mnist_pairs
+
+    data = mnist_pairs(image_size=16).subset(range(0, 5000, 100))
+    model_cfg = MAECLIPConfig(model_name="maeclip-micro")
+    cfg = TrainConfig(steps=4, batch_size=16, warmup_steps=1, progress=False)
+    straight = train(model_cfg, cfg, data)
+    ckpt_cfg = TrainConfig(
+        steps=4, batch_size=16, warmup_steps=1, progress=False, out_dir=folder, checkpoint_every=2
+    )
+    train(model_cfg, ckpt_cfg, data)
+    dist.barrier()
+    if dist.get_rank() == 0:  # interrupt after step 2
+        ckpts = Path(folder) / "checkpoints"
+        shutil.rmtree(ckpts / "step-00000004")
+        (ckpts / "latest").write_text("step-00000002\n")
+    dist.barrier()
+    resumed = train(model_cfg, ckpt_cfg, data)
+    return {
+        "straight": [h["mae_loss"] for h in straight.history[2:]],
+        "resumed": [h["mae_loss"] for h in resumed.history],
+    }
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        yield from ((image, f"caption {i}") for i, image in enumerate(images))
+
+
+def _odd_global_batch_error() -> str:
+    """A global batch of 15 cannot split over 2 ranks; streamed data must not round it down."""
+    cfg = TrainConfig(steps=2, batch_size=15, warmup_steps=0, progress=False)
+    try:
+        train(MAECLIPConfig(model_name="maeclip-micro"), cfg, _Stream())
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def _all_checks(folder: str) -> dict:
     """One process launch (the costly part) for every two-rank check."""
-    return {"full": _ddp_step("full"), "masked": _ddp_step("masked"), "train": _train_two_ranks()}
+    return {
+        "full": _ddp_step("full"),
+        "masked": _ddp_step("masked"),
+        "train": _train_two_ranks(),
+        "resume": _resume_two_ranks(folder),
+        "odd_batch": _odd_global_batch_error(),
+    }
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict]:
-    return run_multiprocess(_all_checks, 2, timeout=400)
+def two_ranks(tmp_path_factory) -> list[dict]:
+    return run_multiprocess(_all_checks, 2, str(tmp_path_factory.mktemp("run")), timeout=400)
 
 
 @pytest.mark.parametrize("contrastive_input", ["full", "masked"])
@@ -88,3 +138,14 @@ def test_train_under_two_processes_keeps_ranks_in_sync(two_ranks):
     torch.testing.assert_close(a["params"], b["params"], rtol=0, atol=0)
     assert a["clip"] == pytest.approx(b["clip"], rel=1e-6)  # one global contrastive loss
     assert a["mae"] != b["mae"]  # different images and masks per rank
+
+
+def test_resume_under_two_processes_restores_every_ranks_masks(two_ranks):
+    for rank, r in enumerate(two_ranks):
+        resumed = r["resume"]
+        assert resumed["resumed"] == resumed["straight"], f"rank {rank}"
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(two_ranks):
+    for r in two_ranks:
+        assert "batch_size=15 is not divisible by the 2 ranks" in r["odd_batch"]

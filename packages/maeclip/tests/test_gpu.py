@@ -45,3 +45,34 @@ def test_cpu_and_cuda_losses_agree_in_fp32():
     a = cpu(images, texts, noise=noise)
     b = gpu(images.cuda(), texts.cuda(), noise=noise.cuda())
     torch.testing.assert_close(b.loss.cpu(), a.loss, rtol=1e-3, atol=1e-4)
+
+
+def test_resume_on_cuda_matches_the_uninterrupted_run(tmp_path):
+    """The checkpoint's RNG states must come back as CPU tensors (set_rng_state refuses CUDA)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import shutil
+
+    from verger.maeclip import TrainConfig, mnist_pairs, train
+
+    data = mnist_pairs(image_size=16).subset(range(64))
+    model_cfg = MAECLIPConfig(model_name="maeclip-micro")
+    cfg = TrainConfig(steps=4, batch_size=16, warmup_steps=1, progress=False, device="cuda")
+    straight = train(model_cfg, cfg, data)
+    ckpt_cfg = TrainConfig(
+        steps=4,
+        batch_size=16,
+        warmup_steps=1,
+        progress=False,
+        device="cuda",
+        out_dir=tmp_path,
+        checkpoint_every=2,
+    )
+    train(model_cfg, ckpt_cfg, data)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002\n")
+    resumed = train(model_cfg, ckpt_cfg, data)
+    assert resumed.resumed_from == 2
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history[2:]], rel=1e-5
+    )

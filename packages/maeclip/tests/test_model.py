@@ -201,11 +201,29 @@ def test_empty_captions_are_refused():
         ({"contrastive_input": "half"}, "contrastive_input"),
         ({"decoder_width": 30}, "decoder_width"),
         ({"decoder_head_width": 24}, "decoder_head_width"),
+        ({"decoder_depth": 1.5}, "decoder_depth"),
+        ({"clip_weight": float("nan")}, "clip_weight"),
+        ({"mae_weight": float("inf")}, "mae_weight"),
+        # MAE's loss counts hidden patches only: with none hidden it would be empty
+        ({"mask_ratio": 0.0}, "MAE needs hidden patches"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MAECLIPConfig(**kwargs)
+
+
+def test_mask_ratio_zero_is_fine_without_mae(tokenizer_micro):
+    out = _model(mask_ratio=0.0, mae_weight=0.0)(*_batch(tokenizer_micro))
+    assert out.mae_loss is None and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), 1.0])
+def test_encode_image_refuses_a_bad_mask_ratio(tokenizer_micro, bad):
+    """A negative or NaN ratio must not silently mean "no masking"."""
+    images, _ = _batch(tokenizer_micro)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        _model().encode_image(images, mask_ratio=bad)
 
 
 def test_unknown_model_name_is_refused():

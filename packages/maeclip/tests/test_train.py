@@ -1,11 +1,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from verger.maeclip import MAECLIPConfig, TrainConfig, train, train_test_split
+from verger.maeclip import (
+    MAECLIPConfig,
+    TrainConfig,
+    WebDatasetShards,
+    train,
+    train_test_split,
+    write_webdataset_shards,
+)
 from verger.maeclip.evaluate import zero_shot_accuracy
 from verger.maeclip.train import StepBatchSampler
 
@@ -23,8 +32,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mnist_micro):
     first = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3, log_every=1), data)
     assert (tmp_path / "checkpoints" / "step-00000006").is_dir()
     # interrupt after step 3: drop the final checkpoint and resume
-    import shutil
-
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000006")
     (tmp_path / "checkpoints" / "latest").write_text("step-00000003\n")
     resumed = train(MICRO, _cfg(steps=6, out_dir=tmp_path, checkpoint_every=3, log_every=1), data)
@@ -75,3 +82,57 @@ def test_mae_training_lowers_the_reconstruction_loss(mnist_micro):
     first = sum(h["mae_loss"] for h in result.history[:5]) / 5
     last = sum(h["mae_loss"] for h in result.history[-5:]) / 5
     assert last < 0.8 * first
+
+
+class _MapStyle(Dataset):
+    """A plain map-style dataset (the CSV/folder path): batches come through a DataLoader."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        return self.pairs[index]
+
+
+@pytest.mark.parametrize("source", ["map-style", "webdataset"])
+def test_resume_is_exact_for_loader_fed_and_streamed_data(tmp_path, mnist_micro, source):
+    pairs = mnist_micro.subset(range(24))
+    if source == "webdataset":
+        shards = write_webdataset_shards(pairs, tmp_path / "shards", per_shard=8)
+
+        def dataset():
+            return WebDatasetShards(shards, image_size=16, shuffle=True, seed=0)
+    else:
+
+        def dataset():
+            return _MapStyle(pairs)
+
+    # 3 batches of 8 per epoch: the resume point (step 4) sits inside the second epoch
+    cfg = _cfg(steps=6, batch_size=8, out_dir=tmp_path / "run", checkpoint_every=4)
+    straight = train(MICRO, _cfg(steps=6, batch_size=8), dataset())
+    train(MICRO, cfg, dataset())
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000006")
+    (ckpts / "latest").write_text("step-00000004\n")
+    resumed = train(MICRO, cfg, dataset())
+    assert resumed.resumed_from == 4
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[4:]]
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_train_refuses_checkpoints_that_would_train_nothing_or_mix_runs(tmp_path, mnist_micro):
+    data = mnist_micro.subset(range(32))
+    train(MICRO, _cfg(steps=2, out_dir=tmp_path), data)
+    with pytest.raises(ValueError, match="already reaches steps=2"):
+        train(MICRO, _cfg(steps=2, out_dir=tmp_path), data)  # nothing left to train
+    with pytest.raises(ValueError, match="already reaches steps=1"):
+        train(MICRO, _cfg(steps=1, warmup_steps=0, out_dir=tmp_path), data)
+    with pytest.raises(ValueError, match="earlier run"):
+        train(MICRO, _cfg(steps=4, out_dir=tmp_path), data, resume=False)
+    assert train(MICRO, _cfg(steps=3, out_dir=tmp_path), data).resumed_from == 2

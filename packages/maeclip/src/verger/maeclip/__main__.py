@@ -22,7 +22,7 @@ import torch
 
 from verger.core import resolve_device
 from verger.core.bench import Report, add_cli_args, new_figure
-from verger.maeclip.data import CsvImageText, ImageTextSet, WebDatasetShards
+from verger.maeclip.data import CsvImageText, ImageTextSet, WebDatasetShards, find_emoji_font
 from verger.maeclip.experiment import (
     VARIANTS,
     MethodResult,
@@ -37,8 +37,8 @@ from verger.maeclip.experiment import (
 )
 from verger.maeclip.model import MAECLIPConfig
 from verger.maeclip.throughput import measure_throughput
-from verger.maeclip.towers import CaptionTokenizer, model_config
-from verger.maeclip.train import TrainConfig, train
+from verger.maeclip.towers import CaptionTokenizer, check_model_name, model_config
+from verger.maeclip.train import TrainConfig, check_checkpoint_dir, train
 
 QUICK_STEPS, FULL_STEPS = 60, 400
 
@@ -72,7 +72,9 @@ def _base_config(args: argparse.Namespace) -> MAECLIPConfig:
 
 
 def _train_config(args: argparse.Namespace, **extra: Any) -> TrainConfig:
-    steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
+    default = QUICK_STEPS if args.quick else FULL_STEPS
+    # `is None`, not `or`: `--steps 0` must be refused, not read as "the default"
+    steps = default if args.steps is None else args.steps
     return TrainConfig(
         steps=steps,
         batch_size=args.batch_size,
@@ -249,6 +251,57 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(report.write() / "report.md")
 
 
+def _check_data(spec: str | None, command: str) -> None:
+    """Refuse a ``--data`` the command cannot load (a usage error, before any work)."""
+    if spec is None or spec == "mnist":
+        return
+    if spec == "emoji":
+        try:
+            import emoji  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--data emoji needs the 'emoji' package: pip install verger-maeclip[emoji]"
+            ) from None
+        if find_emoji_font() is None:
+            raise ValueError(
+                "--data emoji: no colour emoji font found (apt install fonts-noto-color-emoji, "
+                "or set VERGER_EMOJI_FONT)"
+            )
+        return
+    if command == "train" and spec.startswith("csv:"):
+        if not Path(spec[4:]).is_file():
+            raise ValueError(f"--data {spec}: {spec[4:]!r} is not a file")
+        return
+    if command == "train" and spec.startswith("wds:"):
+        if not glob.glob(spec[4:]):
+            raise ValueError(f"--data {spec}: no shard matches {spec[4:]!r}")
+        return
+    allowed = "mnist, emoji, csv:PATH or wds:GLOB" if command == "train" else "mnist or emoji"
+    raise ValueError(f"--data {spec!r}: must be {allowed}")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad options end as a usage error (exit 2) before any work starts.
+
+    ``--out``, ``--device`` and ``--seed`` are checked as they are parsed (verger-core); the
+    rest by building the configs they feed, whose errors name the field and its range.
+    """
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be >= 1")
+    try:
+        base = _base_config(args)
+        check_model_name(base.model_name)
+        _check_data(args.data, args.command)
+        if args.command == "train":
+            variant_config(base, args.method)
+            cfg = _train_config(args, out_dir=args.out, checkpoint_every=args.checkpoint_every)
+            check_checkpoint_dir(args.out, steps=cfg.steps, resume=not args.no_resume)
+        else:
+            _train_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verger-maeclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,9 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not isinstance(args.out, Path):
         args.out = Path(args.out)
+    check_args(parser, args)
     commands = {"demo": cmd_demo, "compare": cmd_compare, "bench": cmd_bench, "train": cmd_train}
     commands[args.command](args)
     return 0

@@ -232,19 +232,23 @@ class CsvImageText(Dataset):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise FileNotFoundError(f"csv_path={str(csv_path)!r} does not exist")
-        with csv_path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: spreadsheet exports start with a BOM that would otherwise stick to the
+        # first column's name
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh, delimiter=sep))
         if not rows:
             raise ValueError(f"{csv_path} has no rows")
         for key, what in ((image_key, "image_key"), (caption_key, "caption_key")):
             if key not in rows[0]:
                 raise ValueError(f"{what}={key!r} is not a column of {csv_path}: {list(rows[0])}")
+        # a short row gives None for its missing columns: report it like an empty cell
+        for key, what in ((image_key, "image path"), (caption_key, "caption")):
+            empty = [i for i, r in enumerate(rows) if not (r[key] or "").strip()]
+            if empty:
+                raise ValueError(f"{csv_path}: rows {empty[:5]} have an empty {what}")
         root = Path(image_root) if image_root is not None else csv_path.parent
         self.paths = [root / r[image_key] for r in rows]
         self.captions = [r[caption_key] for r in rows]
-        empty = [i for i, c in enumerate(self.captions) if not c.strip()]
-        if empty:
-            raise ValueError(f"{csv_path}: rows {empty[:5]} have an empty caption")
         self.transform = file_transform(image_size)
 
     def __len__(self) -> int:
@@ -307,19 +311,23 @@ class WebDatasetShards(IterableDataset):
     def _read(self, shard: Path) -> Iterator[tuple[torch.Tensor, str]]:
         current: str | None = None
         sample: dict[str, bytes] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                prefix = member.name[: len(member.name) - len(base)]
-                key, _, ext = base.partition(".")
-                if prefix + key != current:
-                    yield from self._decode(sample, shard, current)
-                    current, sample = prefix + key, {}
-                data = tar.extractfile(member)
-                sample[ext.lower()] = data.read() if data is not None else b""
-            yield from self._decode(sample, shard, current)
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    prefix = member.name[: len(member.name) - len(base)]
+                    key, _, ext = base.partition(".")
+                    if prefix + key != current:
+                        yield from self._decode(sample, shard, current)
+                        current, sample = prefix + key, {}
+                    data = tar.extractfile(member)
+                    sample[ext.lower()] = data.read() if data is not None else b""
+                yield from self._decode(sample, shard, current)
+        except tarfile.TarError as exc:  # not a tar, or torn / truncated mid-shard
+            where = "" if current is None else f" after sample {current!r}"
+            raise ValueError(f"{shard}: corrupt or unreadable tar shard{where} ({exc})") from exc
 
     def _decode(
         self, sample: dict[str, bytes], shard: Path, key: str | None
@@ -331,8 +339,12 @@ class WebDatasetShards(IterableDataset):
         caption = text.decode("utf-8").strip()
         if not caption:
             raise ValueError(f"{shard}: sample {key!r} has an empty caption")
-        with Image.open(io.BytesIO(image)) as img:
-            yield self.transform(img), caption
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                pixels = self.transform(img)
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for undecodable bytes
+            raise ValueError(f"{shard}: sample {key!r} has an unreadable image ({exc})") from exc
+        yield pixels, caption
 
 
 def write_webdataset_shards(

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -61,17 +62,33 @@ class MAECLIPConfig:
     def __post_init__(self) -> None:
         for name in ("clip_weight", "mae_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a number >= 0")
+            # NaN passes a plain `< 0` test and inf only shows up as a NaN loss mid-training
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
         if self.clip_weight == 0 and self.mae_weight == 0:
             raise ValueError("clip_weight and mae_weight are both 0: nothing to train")
         check_mask_ratio(self.mask_ratio)
+        if self.mae_weight > 0 and self.mask_ratio == 0:
+            # with nothing hidden the MAE loss (masked patches only) would be empty
+            raise ValueError(
+                "mask_ratio=0 with mae_weight > 0: MAE needs hidden patches to reconstruct; "
+                "use a mask_ratio in (0, 1) or mae_weight=0"
+            )
         if self.contrastive_input not in ("full", "masked"):
             raise ValueError(
                 f"contrastive_input={self.contrastive_input!r} must be 'full' or 'masked'"
             )
         if self.contrastive_mask_ratio is not None:
             check_mask_ratio(self.contrastive_mask_ratio, name="contrastive_mask_ratio")
+        for name in ("decoder_width", "decoder_depth", "decoder_head_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} must be an int")
         if self.decoder_width <= 0 or self.decoder_width % 4:
             raise ValueError(
                 f"decoder_width={self.decoder_width!r} must be a positive multiple of 4"
@@ -216,7 +233,10 @@ class MAECLIP(nn.Module):
         if (h, w) != self.image_size:
             raise ValueError(f"image size {h}x{w} differs from the model's {self.image_size}")
         if images.shape[1] != self.clip.visual.conv1.in_channels:
-            raise ValueError(f"images have {images.shape[1]} channels, expected 3")
+            raise ValueError(
+                f"images have {images.shape[1]} channels, expected "
+                f"{self.clip.visual.conv1.in_channels}"
+            )
 
     def encode_image(
         self,
@@ -234,6 +254,7 @@ class MAECLIP(nn.Module):
         ``clip.visual(images)``.
         """
         self.check_images(images)
+        check_mask_ratio(mask_ratio)  # a negative or NaN ratio would silently mean "no mask"
         v = self.clip.visual
         x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
         pos = v.positional_embedding.to(x.dtype)

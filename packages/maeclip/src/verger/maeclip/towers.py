@@ -40,8 +40,12 @@ def model_config(model_name: str) -> dict:
     return config
 
 
-def create_clip(model_name: str, *, device: str | torch.device = "cpu") -> open_clip.CLIP:
-    """A randomly initialised open_clip ``CLIP`` with a ViT image tower (never downloads)."""
+def check_model_name(model_name: str) -> dict:
+    """``model_config(model_name)``, refusing towers this package cannot mask.
+
+    HF/timm towers need a download; a ResNet has no patches; attentional pooling is not
+    handled by the masked encoder pass. Checked on the config, so without building a model.
+    """
     config = model_config(model_name)
     if "hf_model_name" in config.get("text_cfg", {}) or "timm_model_name" in config.get(
         "vision_cfg", {}
@@ -50,6 +54,17 @@ def create_clip(model_name: str, *, device: str | torch.device = "cpu") -> open_
             f"model_name={model_name!r} uses an HF or timm tower; only open_clip's own ViT and "
             "text transformer are supported (they need no download)"
         )
+    vision = config.get("vision_cfg", {})
+    if isinstance(vision.get("layers"), list | tuple):  # open_clip's ModifiedResNet
+        raise ValueError(f"model_name={model_name!r}: the image tower is not a ViT")
+    if vision.get("attentional_pool"):
+        raise ValueError(f"model_name={model_name!r}: attentional pooling is not supported")
+    return config
+
+
+def create_clip(model_name: str, *, device: str | torch.device = "cpu") -> open_clip.CLIP:
+    """A randomly initialised open_clip ``CLIP`` with a ViT image tower (never downloads)."""
+    check_model_name(model_name)
     # open_clip warns on the root logger that no weights were loaded: that is the point here
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)

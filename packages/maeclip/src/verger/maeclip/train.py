@@ -3,8 +3,10 @@
 Launch several processes with ``torchrun --nproc_per_node N -m verger.maeclip train ...``: each
 rank reads a disjoint slice of every global batch, ``ClipLoss`` gathers the features of all
 ranks (so the contrastive batch is the global batch) and DDP averages the gradients.
-Checkpoints (``verger.core.train.Checkpointer``) hold the model, optimizer, scheduler and RNG
-state; the data position is the step itself, so resuming reproduces the uninterrupted run.
+Checkpoints (``verger.core.train.Checkpointer``) hold the model, optimizer, scheduler and the
+RNG state of every rank (each rank draws its own MAE masks); the data position is the step
+itself for in-memory and map-style data and a saved (epoch, batch) per rank for streamed data,
+so resuming reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from verger.core import resolve_device, seed_everything
-from verger.core.train import Checkpointer, MetricsLogger, cosine_schedule, lambda_lr, progress_bar
+from verger.core.train import (
+    Checkpointer,
+    MetricsLogger,
+    cosine_schedule,
+    lambda_lr,
+    progress_bar,
+    rng_state,
+    set_rng_state,
+)
 from verger.maeclip.data import ImageTextCollate, ImageTextSet
 from verger.maeclip.model import MAECLIP, MAECLIPConfig, build_model
 from verger.maeclip.towers import CaptionTokenizer
@@ -60,10 +70,13 @@ class TrainConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be > 0")
-        if self.weight_decay < 0:
+        if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be None or > 0")
+        # NaN fails every comparison, so test for the valid range rather than the invalid one
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, int | float) and 0 < self.grad_clip < math.inf
+        ):
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be None or a finite number > 0")
         if self.checkpoint_every and self.out_dir is None:
             raise ValueError("checkpoint_every > 0 needs out_dir")
 
@@ -133,6 +146,54 @@ def _step_sampler(n: int, cfg: TrainConfig, rank: int, world: int, start: int) -
     )
 
 
+@dataclass
+class StreamPosition:
+    """Where this rank is in a streamed dataset: ``batch`` batches of ``epoch`` already used."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def _stream_batches(
+    dataset: IterableDataset,
+    collate: ImageTextCollate,
+    cfg: TrainConfig,
+    world: int,
+    position: StreamPosition,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cycle epochs of a streamed dataset from ``position``, which is updated in place.
+
+    A resume replays ``position.epoch`` (``set_epoch`` fixes its order) and drops the batches
+    already trained on: exact whenever the stream's order depends only on the epoch.
+    """
+    skip = position.batch
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(position.epoch)
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size // world,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            # its own generator: each new loader would otherwise draw its worker seed from the
+            # global RNG and shift the MAE masks of every later step (a resume starts a loader
+            # where the uninterrupted run did not)
+            generator=torch.Generator().manual_seed(cfg.seed + position.epoch),
+        )
+        count = 0
+        for batch in loader:
+            count += 1
+            if skip > 0:  # already trained on before the checkpoint
+                skip -= 1
+                continue
+            position.batch = count
+            yield batch
+        if count == 0:
+            raise ValueError("the streamed dataset yields fewer pairs than one batch per rank")
+        position.epoch, position.batch = position.epoch + 1, 0
+
+
 def _batches(
     dataset: Dataset,
     tokenizer: CaptionTokenizer,
@@ -140,34 +201,22 @@ def _batches(
     rank: int,
     world: int,
     start: int,
+    position: StreamPosition,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     collate = ImageTextCollate(tokenizer)
     if isinstance(dataset, ImageTextSet):  # in memory: index directly, no worker overhead
         for idx in _step_sampler(len(dataset), cfg, rank, world, start):
             yield dataset.images[idx], tokenizer([dataset.captions[i] for i in idx])
     elif isinstance(dataset, IterableDataset):  # streamed shards: cycle epochs
-        epoch = 0
-        while True:
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            loader = DataLoader(
-                dataset,
-                batch_size=cfg.batch_size // world,
-                collate_fn=collate,
-                num_workers=cfg.num_workers,
-                drop_last=True,
-            )
-            got = False
-            for batch in loader:
-                got = True
-                yield batch
-            if not got:
-                raise ValueError("the streamed dataset yields fewer pairs than one batch per rank")
-            epoch += 1
+        yield from _stream_batches(dataset, collate, cfg, world, position)
     else:
         sampler = _step_sampler(len(dataset), cfg, rank, world, start)  # type: ignore[arg-type]
         yield from DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG: see above
         )
 
 
@@ -194,6 +243,45 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def check_checkpoint_dir(out_dir: str | Path | None, *, steps: int, resume: bool) -> None:
+    """Refuse a run that ``out_dir``'s checkpoints would make meaningless, before any work.
+
+    Resuming at or past ``steps`` would train nothing; starting over (``resume=False``) beside
+    an earlier run's checkpoints would mix the two (the newest step, not the newest save, wins
+    when resuming and pruning).
+    """
+    if out_dir is None:
+        return
+    folder = Path(out_dir) / "checkpoints"
+    latest = Checkpointer(folder).latest_step()
+    if latest is None:
+        return
+    if not resume:
+        raise ValueError(
+            f"{folder} holds checkpoints of an earlier run (latest step {latest}); starting over "
+            "there would mix the two runs: delete that folder or choose another output folder"
+        )
+    if latest >= steps:
+        raise ValueError(
+            f"{folder} holds step {latest}, which already reaches steps={steps}: the run is "
+            "complete; ask for more steps to continue it, or start over in another folder"
+        )
+
+
+def _rank_states(world: int, position: StreamPosition) -> list[dict[str, Any]]:
+    """Every rank's RNG state and stream position, gathered on every rank (all must call).
+
+    The core checkpoint keeps the saving rank's RNG only; the other ranks draw different masks
+    (seeded ``seed + rank``), so each needs its own state back for an exact resume.
+    """
+    state = {"rng": rng_state(), "stream": asdict(position)}
+    if world == 1:
+        return [state]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
 def train(
     model_config: MAECLIPConfig,
     cfg: TrainConfig,
@@ -209,6 +297,9 @@ def train(
     latest one. Inside an initialised process group every rank must call this.
     """
     rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
+    check_checkpoint_dir(cfg.out_dir, steps=cfg.steps, resume=resume)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -226,11 +317,20 @@ def train(
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
     checkpointer = Checkpointer(out / "checkpoints") if out is not None else None
     start, resumed = 0, None
+    position = StreamPosition()
     if checkpointer is not None and resume and checkpointer.latest_step() is not None:
+        # map_location="cpu": the RNG states inside must stay CPU tensors (set_rng_state refuses
+        # CUDA ones); load_state_dict moves weights and optimizer state to the model's device
         ckpt = checkpointer.load(
-            model=model, optimizer=optimizer, scheduler=scheduler, map_location=device
+            model=model, optimizer=optimizer, scheduler=scheduler, map_location="cpu"
         )
         start = resumed = ckpt.step
+        ranks = ckpt.extra.get("ranks")
+        if isinstance(ranks, list) and len(ranks) == world:
+            set_rng_state(ranks[rank]["rng"])
+            position = StreamPosition(**ranks[rank]["stream"])
+        else:  # saved by another world size (or an older version): replay the stream from 0
+            position = StreamPosition(0, start)
     elif world > 1:
         for tensor in model.state_dict().values():  # identical start on every rank
             dist.broadcast(tensor, src=0)
@@ -246,7 +346,7 @@ def train(
     images_seen, busy = 0, 0.0
     try:
         model.train()
-        batches = _batches(dataset, tokenizer, cfg, rank, world, start)
+        batches = _batches(dataset, tokenizer, cfg, rank, world, start, position)
         for step in range(start, cfg.steps):
             images, texts = next(batches)
             t0 = time.perf_counter()
@@ -283,9 +383,14 @@ def train(
             if checkpointer is not None and (
                 (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last
             ):
+                ranks = _rank_states(world, position)
                 if rank == 0:
                     checkpointer.save(
-                        step + 1, model=model, optimizer=optimizer, scheduler=scheduler
+                        step + 1,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        extra={"ranks": ranks},
                     )
                 if world > 1:
                     dist.barrier()
