@@ -120,3 +120,17 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path) -> None:
         p for p in tmp_path.iterdir() if p.name.startswith(".step-00000002")
     ]  # ...and swept
     assert os.path.isdir(tmp_path / "step-00000003")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_onto_cuda_restores_the_rng(tmp_path) -> None:
+    """``map_location="cuda"`` moves the saved RNG tensors too; torch only takes CPU ones."""
+    torch.cuda.init()
+    model, opt, sched = _trained()
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, model=model, optimizer=opt, scheduler=sched)
+    expected = torch.rand(4), torch.rand(4, device="cuda")
+    ckpt.load(model=model.cuda(), map_location="cuda")
+    got = torch.rand(4), torch.rand(4, device="cuda")
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])

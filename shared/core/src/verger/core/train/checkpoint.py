@@ -48,12 +48,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore states captured by :func:`rng_state`."""
+    """Restore states captured by :func:`rng_state`.
+
+    The torch states may come back on another device (a checkpoint loaded with
+    ``map_location="cuda"``); torch only takes CPU byte tensors, so they are moved first.
+    """
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @dataclass
