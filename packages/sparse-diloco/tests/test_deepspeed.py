@@ -7,7 +7,7 @@ import torch
 
 from verger.core.distributed import run_multiprocess
 from verger.core.testing import assert_close
-from verger.sparse_diloco import DiLoCoConfig, SubsetPlan
+from verger.sparse_diloco import DiLoCoConfig, ProcessGroupTransport, SubsetPlan
 from verger.sparse_diloco.partial import PartialLinear, build_worker_model, merge_slices
 from verger.sparse_diloco.runner import TrainSpec, train_run
 from verger.sparse_diloco.toy import ToyData, toy_loss, toy_model
@@ -192,9 +192,18 @@ def _torch_vs_deepspeed_islands(spec: TrainSpec) -> dict:
         return worker
 
     DeepSpeedDiLoCo.make_worker = spy  # type: ignore[method-assign]
+    payloads: list[torch.Tensor] = []  # what this rank hands the transport, sync after sync
+    exchange = ProcessGroupTransport.exchange
+
+    def record(self: ProcessGroupTransport, mine: dict, sizes: list[int]) -> list:
+        assert self.island_size == 2  # the sharded exchange: each rank sends half across
+        payloads.extend(p.clone() for p in mine.values())
+        return exchange(self, mine, sizes)
+
+    ProcessGroupTransport.exchange = record  # type: ignore[method-assign]
     plain = distributed_main(spec)
     zero = distributed_main(replace(spec, inner_engine="deepspeed", zero_stage=2))
-    return {"plain": plain, "zero": zero, "seen": seen}
+    return {"plain": plain, "zero": zero, "seen": seen, "payloads": payloads}
 
 
 @pytest.mark.timeout(400)  # 4 DeepSpeed processes: ~20 s on 2 shared cores
@@ -206,3 +215,10 @@ def test_zero_islands_on_subgroups_equal_torch_islands():
     for rank, r in enumerate(ranks):
         assert r["seen"] == [(rank // 2, 2, 2)]  # one ZeRO-2 engine, over its island's 2 ranks
         _assert_zero_equals_plain(r, sim)
+    # ZeRO-1/2 keep full replicated parameters: an island's ranks hand the sharded exchange
+    # bit-identical payloads (torch islands, then ZeRO islands), as it assumes
+    for island in (ranks[:2], ranks[2:]):
+        a, b = (r["payloads"] for r in island)
+        assert len(a) == len(b) == 2 * spec.rounds * spec.config.num_fragments
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(ranks[0]["payloads"][0], ranks[2]["payloads"][0])

@@ -1,10 +1,12 @@
 """Multi-process gloo runs equal the single-process simulator; crash, then exact resume."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from verger.core.distributed import run_multiprocess
+from verger.core.distributed import make_groups, run_multiprocess
 from verger.core.testing import assert_close
 from verger.sparse_diloco import DiLoCo, DiLoCoConfig, ProcessGroupTransport, SubsetPlan
 from verger.sparse_diloco.runner import TrainSpec, distributed_main, distributed_runs, train_run
@@ -70,22 +72,6 @@ def test_simulated_resume_is_exact(tmp_path):
     assert not (tmp_path / "round_000001").exists()  # only the latest `keep` rounds stay
 
 
-def test_two_islands_of_two_ranks_equal_two_simulated_workers():
-    """4 processes = 2 workers x 2 data-parallel ranks; the island averages its gradients."""
-    s = TrainSpec(
-        task="toy",
-        plan="mlp",
-        config=DiLoCoConfig(num_workers=2, inner_steps=4, inner_lr=3e-3),
-        rounds=2,
-    )
-    sim = train_run(s)
-    ranks = run_multiprocess(distributed_main, 4, s)
-    for r in ranks:
-        for n, p in sim["params"].items():
-            assert_close(r["params"][n], p, rtol=1e-5, name=n)  # reduction order differs
-        assert r["bytes_sent"] == sim["bytes_sent"]
-
-
 def test_train_spec_and_world_size_validation():
     with pytest.raises(ValueError, match="plan="):
         TrainSpec(plan="half")
@@ -104,28 +90,47 @@ def uneven_engine(transport=None):
     return DiLoCo(model, plan, config, loss_fn=toy_loss, data=ToyData(), transport=transport)
 
 
-def uneven_rank():
-    """Train `uneven_engine` on this rank, counting the bytes this rank transmits."""
-    sent = []
+@contextmanager
+def wire_bytes(replicas=1):
+    """Count the bytes this rank sends by all-gather and broadcast, per kind of link.
+
+    A collective is "cross" when its group spans several islands (rank // replicas), else
+    "intra". An all-gather sends every rank's input; a broadcast only the source's tensor.
+    """
+    sent = {"cross": 0, "intra": 0}
     real_all_gather, real_broadcast = dist.all_gather, dist.broadcast
 
+    def add(tensor, group):
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        link = "cross" if len({r // replicas for r in ranks}) > 1 else "intra"
+        sent[link] += tensor.numel() * tensor.element_size()
+
     def all_gather(outputs, tensor, group=None, **kw):
-        sent.append(tensor.numel() * tensor.element_size())  # every rank sends its input
+        add(tensor, group)
         return real_all_gather(outputs, tensor, group=group, **kw)
 
     def broadcast(tensor, src=None, group=None, **kw):
-        if src == dist.get_rank():  # only the source sends
-            sent.append(tensor.numel() * tensor.element_size())
+        if src == dist.get_rank():
+            add(tensor, group)
         return real_broadcast(tensor, src=src, group=group, **kw)
 
     dist.all_gather, dist.broadcast = all_gather, broadcast
     try:
-        engine = uneven_engine(ProcessGroupTransport())
-        engine.train(2)
+        yield sent
     finally:
         dist.all_gather, dist.broadcast = real_all_gather, real_broadcast
-    params = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
-    return params, engine.bytes_sent, sum(sent)
+
+
+def params_of(engine):
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+
+def uneven_rank():
+    """Train `uneven_engine` on this rank, counting the bytes this rank transmits."""
+    with wire_bytes() as sent:
+        engine = uneven_engine(ProcessGroupTransport())
+        engine.train(2)
+    return params_of(engine), engine.bytes_sent, sent["cross"] + sent["intra"]
 
 
 def test_uneven_payloads_put_exactly_the_counted_bytes_on_the_wire():
@@ -139,6 +144,95 @@ def test_uneven_payloads_put_exactly_the_counted_bytes_on_the_wire():
         assert counted == sim.bytes_sent
         for n, p in sim.model.named_parameters():
             assert torch.equal(params[n], p.detach()), n
+
+
+ISLAND_SPEC = TrainSpec(
+    task="toy",
+    plan="mlp",
+    config=DiLoCoConfig(num_workers=2, inner_steps=4, inner_lr=3e-3),
+    rounds=2,
+)
+# direct exchanges between 2 islands of 2 ranks: equal, unequal and odd sizes (not divisible
+# by R), a worker that trains nothing, fewer bytes than ranks, nothing at all
+EXCHANGE_SIZES = [(8, 8), (5, 12), (7, 7), (0, 3), (1, 0), (0, 0)]
+
+
+def exchange_payload(worker, size, case):
+    """Distinct, reproducible bytes for worker ``worker`` in exchange ``case``."""
+    return ((torch.arange(size) * (2 * worker + 3) + 17 * case) % 256).to(torch.uint8)
+
+
+def island_rank_checks(spec):
+    """World 4 = 2 islands x 2 ranks: several checks in one launch, counting wire bytes."""
+    with wire_bytes(replicas=2) as run_wire:
+        run = distributed_main(spec)  # data-parallel islands, through the runner
+    mesh = make_groups(2, 2)
+    transport = ProcessGroupTransport(
+        mesh.cross_island, worker=mesh.island, island_group=mesh.intra_island
+    )
+    # every island rank trains its worker on the whole batch: the same payload on the R ranks
+    # and no gradient all-reduce, so the result must equal the simulator bit for bit
+    with wire_bytes(replicas=2) as uneven_wire:
+        engine = uneven_engine(transport)
+        engine.train(2)
+    with wire_bytes(replicas=2) as exchange_wire:
+        exchanged = [
+            transport.exchange(
+                {mesh.island: exchange_payload(mesh.island, sizes[mesh.island], i)}, sizes
+            )
+            for i, sizes in enumerate(EXCHANGE_SIZES)
+        ]
+    return {
+        "run": run,
+        "run_wire": run_wire,
+        "uneven": (params_of(engine), engine.bytes_sent),
+        "uneven_wire": uneven_wire,
+        "exchanged": exchanged,
+        "exchange_wire": exchange_wire,
+    }
+
+
+@pytest.fixture(scope="module")
+def island_ranks():
+    return run_multiprocess(island_rank_checks, 4, ISLAND_SPEC)  # one start-up, three tests
+
+
+def test_two_islands_of_two_ranks_equal_two_simulated_workers(island_ranks):
+    """4 processes = 2 workers x 2 data-parallel ranks; the island averages its gradients."""
+    sim = train_run(ISLAND_SPEC)
+    for r in island_ranks:
+        for n, p in sim["params"].items():
+            assert_close(r["run"]["params"][n], p, rtol=1e-5, name=n)  # reduction order differs
+        assert r["run"]["bytes_sent"] == sim["bytes_sent"]
+    # each payload byte crosses between islands once, not once per replica
+    assert sum(r["run_wire"]["cross"] for r in island_ranks) == sim["bytes_sent"]
+
+
+def test_islands_send_each_payload_byte_across_once_and_match_the_simulator(island_ranks):
+    sim = uneven_engine()
+    sizes = sim._sizes(sim.plan.names)
+    assert sizes[0] != sizes[1]
+    sim.train(2)
+    assert sum(r["uneven_wire"]["cross"] for r in island_ranks) == sim.bytes_sent
+    for r in island_ranks:
+        params, counted = r["uneven"]
+        assert counted == sim.bytes_sent
+        for n, p in sim.model.named_parameters():
+            assert torch.equal(params[n], p.detach()), n
+
+
+def test_sharded_exchange_rebuilds_odd_and_empty_payloads_in_worker_order(island_ranks):
+    expected = [
+        [exchange_payload(k, n, i) for k, n in enumerate(sizes)]
+        for i, sizes in enumerate(EXCHANGE_SIZES)
+    ]
+    for r in island_ranks:
+        for got, want in zip(r["exchanged"], expected, strict=True):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.dtype == torch.uint8 and torch.equal(g, w)
+    total = sum(sum(sizes) for sizes in EXCHANGE_SIZES)
+    assert sum(r["exchange_wire"]["cross"] for r in island_ranks) == total
 
 
 def small_spec(workers=4, fragments=1, plan="mlp", **kw):

@@ -54,8 +54,11 @@ class DeepSpeedDiLoCo(DiLoCo):
 
     Needs an initialized process group. ``island_group`` is the island's ranks: None (or
     ``dist.group.WORLD``) for the whole world, or a sub-group (e.g.
-    ``make_groups(W, R).intra_island``, with a `ProcessGroupTransport` over the cross-island
-    group), each island then having its own ZeRO engine. ``zero_stage`` is 1 or 2;
+    ``make_groups(W, R).intra_island``, with ``ProcessGroupTransport(mesh.cross_island,
+    worker=mesh.island, island_group=mesh.intra_island)``), each island then having its own
+    ZeRO engine. ZeRO-1/2 shard only optimizer state and gradients: after each step every
+    island rank holds the full, identical parameters, so the island's ranks compute the same
+    payload, as that transport's sharded exchange needs. ``zero_stage`` is 1 or 2;
     ``config.grad_clip`` maps to DeepSpeed's ``gradient_clipping``, the inner warm-up to a
     LambdaLR the engine steps. The numbers equal the plain torch island (`DiLoCo` with the
     same ``island_group``) up to reduction order. Worker checkpoints are collective over the

@@ -193,8 +193,9 @@ def distributed_main(spec: TrainSpec) -> dict[str, Any]:
     """Per-rank entry (process group initialized).
 
     With world size W (= ``config.num_workers``) each rank is a worker. With world size
-    W x R, worker k is the island of ranks [k R, (k+1) R): data parallel inside the island,
-    pseudo-gradients exchanged between the ranks that share an island position. With
+    W x R, worker k is the island of ranks [k R, (k+1) R): data parallel inside the island;
+    each rank sends its 1/R share of the island's pseudo-gradient to the ranks that share its
+    island position, then the island all-gathers the shares (`ProcessGroupTransport`). With
     ``inner_engine="deepspeed"`` each island is a ZeRO engine over its R ranks, the W islands
     running in parallel; when the world size is not W x R with R > 1, every rank runs all W
     workers instead, each a ZeRO island over the whole world.
@@ -214,7 +215,10 @@ def distributed_main(spec: TrainSpec) -> dict[str, Any]:
     if world_size == workers:
         return train_run(spec, ProcessGroupTransport(), is_main=dist.get_rank() == 0)
     mesh = make_groups(workers, world_size // workers)
-    transport = ProcessGroupTransport(mesh.cross_island, worker=mesh.island)
+    # each replica sends 1/R of its island's payload across islands; the island rebuilds
+    transport = ProcessGroupTransport(
+        mesh.cross_island, worker=mesh.island, island_group=mesh.intra_island
+    )
     return train_run(
         spec,
         transport,
