@@ -64,6 +64,22 @@ def test_tokenizer_file_errors_name_the_file(tmp_path) -> None:
         load_tokenizer(bad)
 
 
+def test_damaged_bpe_entries_name_the_file(tmp_path) -> None:
+    """Valid JSON with a missing or unknown eos token is a corrupt file, not a KeyError."""
+    path = tmp_path / "tok.json"
+    train_bpe(["some text to learn a few merges from"] * 4, vocab_size=260).save(path)
+    payload = json.loads(path.read_text())
+    for eos in (None, "<not-in-vocab>"):
+        damaged = dict(payload)
+        if eos is None:
+            del damaged["eos_token"]
+        else:
+            damaged["eos_token"] = eos
+        path.write_text(json.dumps(damaged))
+        with pytest.raises(TokenizerFileError, match=r"tok\.json is corrupt.*rebuild"):
+            load_tokenizer(path)
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2's reversible byte -> printable character table.
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))

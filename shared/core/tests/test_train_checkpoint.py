@@ -65,6 +65,30 @@ def test_keep_prunes_old_checkpoints_and_latest_points_to_newest(tmp_path) -> No
     assert Checkpointer(tmp_path / "none").load_latest(model=model) is None
 
 
+def test_a_new_timeline_replaces_later_checkpoints(tmp_path) -> None:
+    """A save never prunes itself: higher steps of an earlier run are the stale ones."""
+    model, _, _ = _trained(0)
+    old_run = Checkpointer(tmp_path, keep=2)
+    for step in (4, 6):
+        old_run.save(step, model=model)
+    fresh, _, _ = _trained(2)  # a fresh run (other weights) in the same folder
+    ckpt = Checkpointer(tmp_path, keep=2)
+    ckpt.save(2, model=fresh)
+    assert ckpt.steps() == [2] and ckpt.latest_step() == 2
+    restored = ToyLM()
+    ckpt.load(model=restored)
+    assert all(torch.equal(a, b) for a, b in zip(restored.parameters(), fresh.parameters()))
+    ckpt.save(3, model=fresh)
+    assert ckpt.steps() == [2, 3]
+
+    forked = Checkpointer(tmp_path / "fork", keep=None)  # keep-all still drops the old future
+    for step in (1, 2, 3, 4):
+        forked.save(step, model=model)
+    forked.load(2, model=model)
+    forked.save(3, model=fresh)
+    assert forked.steps() == [1, 2, 3] and forked.latest_step() == 3
+
+
 def test_missing_and_corrupt_files_name_the_file(tmp_path) -> None:
     model, opt, _ = _trained(1)
     ckpt = Checkpointer(tmp_path, keep=None)

@@ -51,6 +51,54 @@ def test_resume_gives_bit_identical_losses(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path) -> None:
+    """Killed between checkpoints: the rerun steps are bit-identical and logged once."""
+    full, data = _loop(None, 8)
+    reference = [s.loss for s in full.run(data)]
+
+    crashed, data1 = _loop(tmp_path / "ckpt", 8, checkpoint_every=3, log_every=1)
+    real_step = crashed.train_step
+
+    def dying_step(micro):  # the process dies during step 6 (last checkpoint: step 3)
+        if crashed.step == 5:
+            raise KeyboardInterrupt
+        return real_step(micro)
+
+    crashed.train_step = dying_step  # type: ignore[method-assign]
+    with MetricsLogger(tmp_path / "logs", tensorboard=False) as logger:
+        crashed.logger = logger
+        with pytest.raises(KeyboardInterrupt):
+            crashed.run(data1)
+    torch.manual_seed(12345)
+    resumed, data2 = _loop(tmp_path / "ckpt", 8, checkpoint_every=3, log_every=1)
+    with MetricsLogger(tmp_path / "logs", tensorboard=False) as logger:
+        resumed.logger = logger
+        rerun = [s.loss for s in resumed.run(data2)]
+    assert rerun == reference[3:]
+    records = read_metrics(tmp_path / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["loss"] for r in records] == reference
+
+
+def test_metrics_logger_cuts_a_torn_line_before_appending(tmp_path) -> None:
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log(1, loss=1.0)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a killed writer
+    with (
+        pytest.warns(UserWarning, match="truncated"),
+        MetricsLogger(tmp_path, tensorboard=False) as logger,
+    ):
+        logger.log(2, loss=2.0)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0)]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 3.0}')  # complete, only the newline is missing
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log(4, loss=4.0)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_grad_accumulation_matches_one_big_batch() -> None:
     torch.manual_seed(0)
     x = torch.randint(32, (8, 6))

@@ -229,7 +229,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> ByteTokenizer | BPETokenizer
         lib = _tokenizers_lib()
         try:
             tok = lib.Tokenizer.from_str(json.dumps(payload["tokenizer"]))
+            # A missing or unknown eos token is damage to this file too: name the file.
+            return BPETokenizer(tok, eos_token=payload["eos_token"], kind=kind)
         except Exception as exc:  # tokenizers raises a plain Exception on bad JSON content
-            raise TokenizerFileError(f"tokenizer file {p} is corrupt ({exc}); {rebuild}") from None
-        return BPETokenizer(tok, eos_token=payload["eos_token"], kind=kind)
+            raise TokenizerFileError(
+                f"tokenizer file {p} is corrupt ({type(exc).__name__}: {exc}); {rebuild}"
+            ) from None
     raise TokenizerFileError(f"{p}: unknown tokenizer kind {kind!r}; {rebuild}")

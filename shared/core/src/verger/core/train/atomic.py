@@ -26,6 +26,46 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _default_mode(kind: int) -> int:
+    """``kind`` (0o666 for files, 0o777 for folders) less the process umask.
+
+    ``mkstemp``/``mkdtemp`` create private (0o600/0o700) entries; without this, every file
+    written atomically would end up unreadable to the group and others, unlike a plain write.
+    """
+    return kind & ~_umask()
+
+
+def _umask() -> int:
+    # Linux exposes it read-only; os.umask can only be read by setting it, which briefly
+    # changes it for every thread of the process.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def restore_moved_aside(path: str | os.PathLike[str]) -> bool:
+    """Put back the previous ``path`` folder that a killed replacement left moved aside.
+
+    :func:`atomic_directory` replaces a folder with two renames (old aside, new in place); a
+    kill between them leaves ``path`` missing and its previous content in
+    ``.<name>.old.tmp``. Returns True when it was restored. Writers call this before they
+    sweep temporaries, so the only good copy is never swept.
+    """
+    target = Path(path)
+    old = target.with_name(f".{target.name}.old.tmp")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
@@ -39,6 +79,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # The mode a plain write would give: the replaced file's, else 0o666 less the umask.
+        mode = target.stat().st_mode & 0o7777 if target.exists() else _default_mode(0o666)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -70,15 +113,19 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     An existing ``path`` is replaced (moved aside, then deleted after the rename). On an
     exception, or a kill before the rename, ``path`` keeps its previous content; leftover
-    ``.<name>.*.tmp`` directories are ignored by readers and removed by later writes.
+    ``.<name>.*.tmp`` directories are ignored by readers and removed by later writes, after
+    a previous copy left moved aside by a kill between the two renames is put back
+    (:func:`restore_moved_aside`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_moved_aside(target)
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it private (0o700)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old.tmp")

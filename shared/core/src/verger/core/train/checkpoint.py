@@ -25,7 +25,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from verger.core.train.atomic import atomic_directory, atomic_write_text
+from verger.core.train.atomic import (
+    atomic_directory,
+    atomic_write_text,
+    restore_moved_aside,
+)
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -76,8 +80,21 @@ def _state_dict(obj: Any) -> Any:
 class Checkpointer:
     """Save and restore training state in ``directory``, keeping the last ``keep`` checkpoints.
 
+    A save of step ``s`` starts the timeline that ``latest`` follows: checkpoints with a step
+    above ``s`` (left by an earlier run in the same folder, or the future of a run resumed
+    from an older checkpoint) are deleted, whatever ``keep`` is; then only the ``keep``
+    highest steps up to ``s`` remain (``keep=None`` keeps them all). The checkpoint just
+    written is never pruned.
+
     ``extra`` is any picklable dict: put the data position there (e.g.
     ``sampler.state_dict()``) so a resumed run sees exactly the batches it would have seen.
+
+    The RNG state saved is the calling process's only. In a multi-rank run whose ranks draw
+    different random numbers (per-rank seeds, dropout, masks), gather every rank's
+    :func:`rng_state` on all ranks (``verger.core.distributed.all_gather_object``, a
+    collective) before rank 0 saves them as ``extra={"ranks": states}``; after ``load``,
+    each rank calls ``set_rng_state(ckpt.extra["ranks"][rank])``. The gather is left to the
+    caller because only rank 0 calls ``save`` (one writer per folder).
     """
 
     def __init__(self, directory: str | Path, *, keep: int | None = 2) -> None:
@@ -101,6 +118,8 @@ class Checkpointer:
             raise ValueError(f"step={step!r} must be an int >= 0")
         target = self.directory / f"step-{step:08d}"
         if self.directory.is_dir():  # sweep what killed saves left (one writer per folder)
+            for aside in self.directory.glob(".step-*.old.tmp"):  # a re-save killed midway
+                restore_moved_aside(self.directory / aside.name[1 : -len(".old.tmp")])
             for stale in self.directory.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
         with atomic_directory(target) as tmp:
@@ -120,13 +139,21 @@ class Checkpointer:
             meta = {"format": FORMAT_VERSION, "step": step, "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta))
         atomic_write_text(self.directory / "latest", target.name + "\n")
-        self._prune()
+        self._prune(step)
         return target
 
-    def _prune(self) -> None:
-        if self.keep is None:
-            return
-        for step in self.steps()[: -self.keep]:
+    def _prune(self, saved: int) -> None:
+        """Drop checkpoints after ``saved`` (another timeline), then all but ``keep`` before it.
+
+        Ranking by step number alone would prune the checkpoint just written whenever the
+        folder holds higher steps of an earlier run (a fresh start, or a fork from an older
+        checkpoint), and ``latest_step()`` would then fall back to that stale run.
+        """
+        steps = self.steps()
+        doomed = [s for s in steps if s > saved]
+        if self.keep is not None:
+            doomed += [s for s in steps if s <= saved][: -self.keep]
+        for step in doomed:
             shutil.rmtree(self.directory / f"step-{step:08d}", ignore_errors=True)
 
     # ---------------------------------------------------------------- reading

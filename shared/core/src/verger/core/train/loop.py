@@ -158,7 +158,10 @@ class TrainLoop:
         )
 
     def resume(self, data: Any = None) -> bool:
-        """Restore the latest checkpoint if any (model, optimizer, scheduler, RNG, data)."""
+        """Restore the latest checkpoint if any (model, optimizer, scheduler, RNG, data).
+
+        The logger, if any, is rewound to the restored step (:meth:`MetricsLogger.rewind`).
+        """
         if self.checkpointer is None:
             return False
         ckpt = self.checkpointer.load_latest(
@@ -169,6 +172,10 @@ class TrainLoop:
         self.step = ckpt.step
         if "data" in ckpt.extra and hasattr(data, "load_state_dict"):
             data.load_state_dict(ckpt.extra["data"])
+        if self.logger is not None:
+            # The steps after the checkpoint are run again: drop their first records so the
+            # log stays one series per step.
+            self.logger.rewind(self.step)
         return True
 
     def run(self, data: Iterable[Any], *, resume: bool = True) -> list[StepStats]:
