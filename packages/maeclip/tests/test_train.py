@@ -44,6 +44,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, mnist_micro):
     assert [h["loss"] for h in first.history] == [h["loss"] for h in straight.history]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 1 and "mae_loss" in json.loads(lines[0])
+    # steps 4-6 ran twice (first run, then the resume): the log keeps one record of each
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
 def test_sampler_batches_cover_the_epoch_and_split_ranks():

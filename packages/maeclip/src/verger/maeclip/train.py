@@ -247,8 +247,8 @@ def check_checkpoint_dir(out_dir: str | Path | None, *, steps: int, resume: bool
     """Refuse a run that ``out_dir``'s checkpoints would make meaningless, before any work.
 
     Resuming at or past ``steps`` would train nothing; starting over (``resume=False``) beside
-    an earlier run's checkpoints would mix the two (the newest step, not the newest save, wins
-    when resuming and pruning).
+    an earlier run's checkpoints would mix the two (its metrics log, and its checkpoints of
+    later steps until the new run's first save replaces them).
     """
     if out_dir is None:
         return
@@ -340,6 +340,8 @@ def train(
             model, find_unused_parameters=model_config.method != "maeclip"
         )
     logger = MetricsLogger(out) if out is not None and rank == 0 else None
+    if logger is not None and resumed is not None:
+        logger.rewind(start)  # the steps after the checkpoint run again: log them once
     result = TrainResult(model=model, resumed_from=resumed)
     bar = progress_bar(total=cfg.steps, desc=cfg.desc, enabled=cfg.progress if rank == 0 else False)
     bar.update(start)
