@@ -60,7 +60,7 @@ def test_cli_rejects_unknown_command():
         (["demo", "--checkpoint-every", "-1"], "--checkpoint-every -1: must be >= 0"),
         (["demo", "--steps", "1"], "--steps 1: must be >= 2"),
         (["demo", "--steps", "0"], "--steps 0: must be >= 2"),  # 0 is not "the default"
-        (["bench", "--threads", "0"], "--threads 0: must be >= 1"),
+        (["bench", "--threads", "0"], "argument --threads: 0 must be >= 1"),
         (["bench", "--out", "FILE"], "is a file"),
         (["demo", "--device", "gpu"], "is not a device"),
     ],

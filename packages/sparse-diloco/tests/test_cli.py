@@ -19,8 +19,8 @@ from verger.sparse_diloco.lm import LM_SIZES
         (["--rounds", "0"], "rounds=0 must be a positive int"),
         (["--warmup", "-1"], "inner_warmup=-1"),
         (["--outer-lr", "inf"], "outer_lr=inf must be a finite number"),
-        (["--batch-size", "0"], "--batch-size: must be a positive int, got '0'"),
-        (["--seq-len", "x"], "--seq-len: must be a positive int, got 'x'"),
+        (["--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+        (["--seq-len", "x"], "argument --seq-len: 'x' is not an int"),
         (["--size", "huge"], "--size: invalid choice: 'huge'"),
     ],
 )

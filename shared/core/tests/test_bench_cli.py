@@ -86,3 +86,14 @@ def test_shared_options_keep_what_was_given(tmp_path) -> None:
     args = build_parser().parse_args(["bench", "--device", "cpu", "--seed", "7", "--out", "x"])
     assert (args.device, args.seed, str(args.out)) == ("cpu", 7, "x")
     assert build_parser().parse_args(["bench"]).device == "auto"
+
+
+def test_positive_int_takes_counts_and_refuses_the_rest() -> None:
+    import argparse
+
+    from verger.core.bench import positive_int
+
+    assert positive_int("3") == 3
+    for text, message in (("0", "0 must be >= 1"), ("-2", "-2 must be >= 1"), ("2.5", "'2.5'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            positive_int(text)

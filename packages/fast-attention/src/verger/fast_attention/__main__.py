@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from verger.core.bench import add_cli_args
+from verger.core.bench import add_cli_args, positive_int
 
 
 def _passive_openmp() -> None:
@@ -28,11 +28,10 @@ def _passive_openmp() -> None:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Bad options end as a usage error (exit 2) before any work starts (the shared ones,
-    ``--out``, ``--device`` and ``--seed``, are checked as they are parsed)."""
-    if args.command == "bench":
-        if args.threads < 1:
-            parser.error(f"--threads {args.threads}: must be >= 1")
+    """Bad demo options end as a usage error (exit 2) before any work starts (the shared
+    ones, ``--out``, ``--device``, ``--seed``, and ``--threads`` are checked as they are
+    parsed)."""
+    if args.command != "demo":
         return
     from verger.fast_attention.demo import check_demo_args
 
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_out="build/bench/fast-attention",
     )
     bench.add_argument(
-        "--threads", type=int, default=2, help="torch threads for both sides (default 2)"
+        "--threads", type=positive_int, default=2, help="torch threads for both sides (default 2)"
     )
     demo = add_cli_args(
         sub.add_parser("demo", help="train small LMs: softmax vs linear vs clustered"),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from verger.core.validation import finite_number
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,11 +64,4 @@ def check_positive_int(name: str, value: object) -> int:
 
 def check_eps(eps: object) -> float:
     """The normalizer's ``eps``: a finite number >= 0."""
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, float | int)
-        or not math.isfinite(eps)
-        or eps < 0
-    ):
-        raise ValueError(f"eps={eps!r} must be a finite float >= 0")
-    return float(eps)
+    return finite_number("eps", eps, at_least=0)

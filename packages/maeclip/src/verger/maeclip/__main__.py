@@ -329,8 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not isinstance(args.out, Path):
-        args.out = Path(args.out)
     check_args(parser, args)
     commands = {"demo": cmd_demo, "compare": cmd_compare, "bench": cmd_bench, "train": cmd_train}
     commands[args.command](args)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -28,6 +27,7 @@ from open_clip.pos_embed import get_2d_sincos_pos_embed_from_grid
 from open_clip.transformer import Transformer
 from torch import nn
 
+from verger.core.validation import finite_number
 from verger.maeclip.masking import (
     Masking,
     check_mask_ratio,
@@ -61,15 +61,7 @@ class MAECLIPConfig:
 
     def __post_init__(self) -> None:
         for name in ("clip_weight", "mae_weight"):
-            value = getattr(self, name)
-            # NaN passes a plain `< 0` test and inf only shows up as a NaN loss mid-training
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+            finite_number(name, getattr(self, name), at_least=0)
         if self.clip_weight == 0 and self.mae_weight == 0:
             raise ValueError("clip_weight and mae_weight are both 0: nothing to train")
         check_mask_ratio(self.mask_ratio)

@@ -33,6 +33,7 @@ from verger.core.train import (
     rng_state,
     set_rng_state,
 )
+from verger.core.validation import finite_number
 from verger.maeclip.data import ImageTextCollate, ImageTextSet
 from verger.maeclip.model import MAECLIP, MAECLIPConfig, build_model
 from verger.maeclip.towers import CaptionTokenizer
@@ -68,15 +69,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be an int >= 0")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        # NaN fails every comparison, so test for the valid range rather than the invalid one
-        if self.grad_clip is not None and not (
-            isinstance(self.grad_clip, int | float) and 0 < self.grad_clip < math.inf
-        ):
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be None or a finite number > 0")
+        finite_number("lr", self.lr, above=0)
+        finite_number("weight_decay", self.weight_decay, at_least=0)
+        if self.grad_clip is not None:
+            finite_number("grad_clip", self.grad_clip, above=0)
         if self.checkpoint_every and self.out_dir is None:
             raise ValueError("checkpoint_every > 0 needs out_dir")
 

@@ -15,23 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from verger.core.bench import add_cli_args
+from verger.core.bench import add_cli_args, positive_int
 
 if TYPE_CHECKING:
     from verger.sparse_diloco.runner import TrainSpec
 
 LM_SIZES = ("tiny", "small", "125m", "1.3b")  # verger.sparse_diloco.lm.LM_SIZES (test-checked)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value is a usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
 
 
 def _train_spec(args: argparse.Namespace) -> TrainSpec:
@@ -149,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--fragments", type=int, default=1, help="> 1: streaming DiLoCo")
     train.add_argument("--bits", type=int, default=32, choices=[4, 8, 32])
     train.add_argument("--rounds", type=int, default=10)
-    train.add_argument("--seq-len", type=_positive_int, default=64)
-    train.add_argument("--batch-size", type=_positive_int, default=4)
+    train.add_argument("--seq-len", type=positive_int, default=64)
+    train.add_argument("--batch-size", type=positive_int, default=4)
     train.add_argument("--checkpoint-dir", default=None)
     train.add_argument(
         "--inner-engine",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from verger.core.validation import finite_number
 from verger.sparse_diloco.compression import SUPPORTED_BITS, Codec
 
 LR_SCALINGS = ("sqrt", "none")
@@ -68,24 +68,21 @@ class DiLoCoConfig:
         ):
             raise ValueError(f"inner_warmup={self.inner_warmup!r} must be an int >= 0")
         # inf passes range checks such as `x > 0` and a string makes them raise TypeError:
-        # every float field is checked to be a finite real number first
-        if not _finite("inner_lr", self.inner_lr) > 0:
-            raise ValueError(f"inner_lr={self.inner_lr!r} must be > 0")
-        if not _finite("inner_weight_decay", self.inner_weight_decay) >= 0:
-            raise ValueError(f"inner_weight_decay={self.inner_weight_decay!r} must be >= 0")
+        # every float field is checked to be a finite real number in range
+        finite_number("inner_lr", self.inner_lr, above=0)
+        finite_number("inner_weight_decay", self.inner_weight_decay, at_least=0)
         betas = self.inner_betas
         if (
             not isinstance(betas, tuple | list)
             or len(betas) != 2
-            or not all(0 <= _finite("inner_betas", b) < 1 for b in betas)
+            or not all(finite_number("inner_betas", b, at_least=0) < 1 for b in betas)
         ):
             raise ValueError(f"inner_betas={betas!r} must be two floats in [0, 1)")
         self.inner_betas = (float(betas[0]), float(betas[1]))
-        if self.grad_clip is not None and not _finite("grad_clip", self.grad_clip) > 0:
-            raise ValueError(f"grad_clip={self.grad_clip!r} must be > 0 or None")
-        if not _finite("outer_lr", self.outer_lr) > 0:
-            raise ValueError(f"outer_lr={self.outer_lr!r} must be > 0")
-        if not 0 <= _finite("outer_momentum", self.outer_momentum) < 1:
+        if self.grad_clip is not None:
+            finite_number("grad_clip", self.grad_clip, above=0)
+        finite_number("outer_lr", self.outer_lr, above=0)
+        if not finite_number("outer_momentum", self.outer_momentum, at_least=0) < 1:
             raise ValueError(f"outer_momentum={self.outer_momentum!r} must be in [0, 1)")
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov={self.nesterov!r} must be a bool")
@@ -126,12 +123,6 @@ class DiLoCoConfig:
     def sync_interval(self) -> int:
         """Inner steps between two consecutive (fragment) syncs."""
         return self.inner_steps // self.num_fragments
-
-
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -4,10 +4,11 @@
 - :func:`measure_peak_memory`: CUDA allocator peak on GPU; tracked tensor-storage peak on CPU.
 - :func:`count_flops`: ``torch.utils.flop_counter`` total for one call.
 - :class:`Report`: ``metrics.json`` + ``report.md`` + PNG plots, written atomically.
-- :func:`add_cli_args`: the shared ``--out`` / ``--quick`` / ``--device`` options.
+- :func:`add_cli_args`: the shared ``--out`` / ``--quick`` / ``--device`` options;
+  :func:`positive_int`, an argparse type for counts.
 """
 
-from verger.core.bench.cli import add_cli_args
+from verger.core.bench.cli import add_cli_args, positive_int
 from verger.core.bench.flops import count_flops
 from verger.core.bench.memory import TensorMemoryTracker, measure_peak_memory
 from verger.core.bench.report import Report, markdown_table, new_figure
@@ -23,6 +24,7 @@ __all__ = [
     "markdown_table",
     "measure_peak_memory",
     "new_figure",
+    "positive_int",
     "speedups",
     "time_call",
 ]

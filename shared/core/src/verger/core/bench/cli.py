@@ -41,6 +41,17 @@ def seed_value(value: str) -> int:
     return seed
 
 
+def positive_int(value: str) -> int:
+    """An argparse type for counts and sizes: an int >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an int") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} must be >= 1")
+    return number
+
+
 def add_cli_args(parser: argparse.ArgumentParser, *, default_out: str) -> argparse.ArgumentParser:
     """Add ``--out DIR``, ``--quick``, ``--device`` and ``--seed`` to ``parser``; returns it."""
     parser.add_argument(

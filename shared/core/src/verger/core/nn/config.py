@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from verger.core.validation import finite_number
+
 
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -14,13 +16,7 @@ def _positive_int(name: str, value: object) -> None:
 
 
 def _positive_float(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"TransformerConfig.{name}={value!r} must be a positive finite number")
+    finite_number(f"TransformerConfig.{name}", value, above=0)
 
 
 @dataclass(kw_only=True)
