@@ -52,6 +52,7 @@ def _load(name: str, path: Path) -> ModuleType:
 
 
 workspace = _load("workspace", CI / "workspace.py")
+lock = _load("lock", CI / "lock.py")
 results = _load("results", CI / "results.py")
 pytest_summary = _load("pytest_summary", CI / "pytest_plugin" / "verger_ci_summary.py")
 
@@ -95,7 +96,7 @@ _WANTS_TOOLING = not _WANTED.strip() or TOOLING in {w.strip() for w in _WANTED.s
 TEST_NAMES = NAMES + ([TOOLING] if _WANTS_TOOLING else [])
 PARAMETRIZED = {
     name: TEST_NAMES if name in ("tests", "typecheck") else NAMES
-    for name in ("typecheck", "tests", "tests_gpu", "demo", "bench", "build", "release")
+    for name in ("typecheck", "tests", "tests_latest", "tests_gpu", "demo", "bench", "build", "release")
 }
 
 
@@ -158,6 +159,24 @@ def _local_indexes() -> str | None:
 _INDEXES = _local_indexes()
 if _INDEXES:
     os.environ["UV_INDEX"] = _INDEXES
+    # uv's default takes each package from the first index that has it; a local index holding
+    # other versions than the lock's pins (or than the newest release, for tests_latest)
+    # would then fail the install. The pins, not index order, decide what gets installed.
+    os.environ.setdefault("UV_INDEX_STRATEGY", "unsafe-best-match")
+
+LATEST = "tests_latest"  # the one session that ignores uv.lock
+
+
+def install(session: nox.Session, *args: str) -> None:
+    """``session.install`` held to the versions uv.lock pins (tests_latest: the newest allowed)."""
+    if session.name.startswith(LATEST):
+        session.install(*args)
+        return
+    try:
+        constraints = lock.export_constraints(ROOT, BUILD / "constraints.txt")
+    except lock.LockError as exc:
+        session.error(str(exc))
+    session.install("-c", str(constraints), *args)
 
 
 def _member(package: str):
@@ -173,7 +192,7 @@ def install_member(session: nox.Session, member, *extras: str) -> None:
     args: list[str] = []
     for dep in workspace.closure(member, ALL_MEMBERS)[:-1]:
         args += ["-e", dep.rel]
-    session.install(*args, "-e", spec)
+    install(session, *args, "-e", spec)
 
 
 # --- test runs and their one-line summaries ---------------------------------------------------
@@ -233,7 +252,7 @@ def run_pytest(
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole tree."""
-    session.install(*LINT_TOOLS)
+    install(session, *LINT_TOOLS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -242,9 +261,9 @@ def lint(session: nox.Session) -> None:
 @nox.parametrize("package", TEST_NAMES, ids=TEST_NAMES)
 def typecheck(session: nox.Session, package: str) -> None:
     """mypy on one member, installed with its dependencies (tooling: ci/, docs/, this file)."""
-    session.install(*TYPECHECK_TOOLS)
+    install(session, *TYPECHECK_TOOLS)
     if package == TOOLING:
-        session.install("nox>=2025.2", "pytest>=8")
+        install(session, "nox>=2025.2", "pytest>=8")
         session.run("mypy", "noxfile.py", "docs/gen_pages.py", "ci")
         return
     member = _member(package)
@@ -256,12 +275,27 @@ def typecheck(session: nox.Session, package: str) -> None:
 @nox.parametrize("package", TEST_NAMES, ids=TEST_NAMES)
 def tests(session: nox.Session, package: str) -> None:
     """pytest on CPU (Triton kernels through the interpreter); slow and gpu cases excluded."""
+    _cpu_tests(session, package)
+
+
+@nox.session(name=LATEST, default=False)
+@nox.parametrize("package", NAMES, ids=NAMES)
+def tests_latest(session: nox.Session, package: str) -> None:
+    """The CPU tests on the newest releases the member's ranges allow, ignoring uv.lock.
+
+    Run weekly by .github/workflows/latest.yml (not by .ci/run): it says what a new torch or
+    Triton breaks before the lock is moved to it.
+    """
+    _cpu_tests(session, package)
+
+
+def _cpu_tests(session: nox.Session, package: str) -> None:
     started = time.perf_counter()
     args = list(session.posargs)
     if not any(a.startswith("-m") for a in args):
         args = ["-m", "not gpu and not slow", *args]  # `-- -k name` keeps the CPU selection
     if package == TOOLING:
-        session.install(*TEST_TOOLS, "nox>=2025.2")
+        install(session, *TEST_TOOLS, "nox>=2025.2")
         run_pytest(session, "ci/tests", args, started=started, require_tests=True)
         return
     member = _member(package)
@@ -269,8 +303,20 @@ def tests(session: nox.Session, package: str) -> None:
         _SUMMARY.append((session.name, "FAILED", f"no {member.rel}/tests folder"))
         session.error(f"{member.rel}/tests does not exist: every member needs CPU tests")
     install_member(session, member, "test")
-    session.install(*TEST_TOOLS)
+    install(session, *TEST_TOOLS)
+    _log_versions(session)
     run_pytest(session, f"{member.rel}/tests", args, started=started, require_tests=True)
+
+
+def _log_versions(session: nox.Session) -> None:
+    """Name the torch / Triton / numpy the tests run on (what tests_latest is about)."""
+    code = (
+        "import importlib.metadata as m\n"
+        "for d in ('torch', 'triton', 'numpy'):\n"
+        "    try: print(d, m.version(d), end='  ')\n"
+        "    except m.PackageNotFoundError: pass\n"
+    )
+    session.run("python", "-c", code)
 
 
 @nox.session(default=False)
@@ -282,7 +328,7 @@ def tests_gpu(session: nox.Session, package: str) -> None:
     if not (member.path / "tests").is_dir():
         session.skip(f"{member.rel} has no tests/ folder")
     install_member(session, member, "test", "gpu")
-    session.install(*TEST_TOOLS)
+    install(session, *TEST_TOOLS)
     code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     try:
         session.run("python", "-c", code, silent=True)
@@ -365,7 +411,7 @@ def build_and_check(session: nox.Session, member, out: Path) -> list[Path]:
     # uv would otherwise reuse a cached wheel of the same name and version (a workspace member
     # rebuilt with new code keeps its version until it is released)
     fresh = [a for m in (*deps, member) for a in ("--refresh-package", m.dist)]
-    session.install(str(wheels[0]), *links, *fresh)
+    install(session, str(wheels[0]), *links, *fresh)
     others = [m.module for m in ALL_MEMBERS if m not in (*deps, member)]
     check = [str(CI / "import_check.py"), member.module, "--absent", *others]
     with session.chdir(session.create_tmp()):  # import the wheel, not the checkout
@@ -405,7 +451,7 @@ def release(session: nox.Session, package: str) -> None:
 @nox.session(default=False)
 def docs(session: nox.Session) -> None:
     """The mkdocs site (overview, one page per member, results) built with --strict."""
-    session.install(*DOCS_TOOLS)
+    install(session, *DOCS_TOOLS)
     site = BUILD / "site"
     # Silence the MkDocs-2 banners of mkdocs and mkdocs-material: mkdocs is pinned below 2.
     env = {"DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}

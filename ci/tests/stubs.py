@@ -133,7 +133,7 @@ def run_nox(root: Path, *args: str, env: dict[str, str] | None = None, timeout: 
 def make_workspace(root: Path, *stubs: Stub, git_init: bool = False) -> Path:
     """A workspace at ``root``: the real tooling files plus the given stub members."""
     root.mkdir()
-    for name in ("noxfile.py", "pyproject.toml", "mkdocs.yml", "README.md"):
+    for name in ("noxfile.py", "pyproject.toml", "uv.lock", "mkdocs.yml", "README.md"):
         shutil.copy(REPO / name, root / name)
     ignore = shutil.ignore_patterns("tests", "__pycache__")
     shutil.copytree(REPO / "ci", root / "ci", ignore=ignore)

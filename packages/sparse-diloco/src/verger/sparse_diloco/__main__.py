@@ -67,7 +67,7 @@ def _train_spec(args: argparse.Namespace) -> TrainSpec:
 def _train(spec: TrainSpec, args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from verger.core.train.atomic import atomic_write_text
+    from verger.core.files import atomic_write_text
     from verger.sparse_diloco.runner import distributed_main, train_run
 
     if "RANK" in os.environ:  # launched by torchrun: one worker per rank

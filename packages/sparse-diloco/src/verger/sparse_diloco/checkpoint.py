@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from verger.core.train.atomic import atomic_path, atomic_write_json
+from verger.core.files import atomic_path, atomic_write_json
 from verger.sparse_diloco.engine import DiLoCo
 
 _ROUND = re.compile(r"^round_(\d{6})$")

@@ -79,7 +79,7 @@ def step_flops(
 
     ``model`` is the global (unsliced) model; the plan says what the worker trains.
     ``attention_scores=False`` leaves out the SDPA matmuls (``torch.utils.flop_counter``
-    counts none for the CPU SDPA kernels of recent torch releases).
+    counts none for the CPU SDPA kernels before torch 2.15).
     """
     tokens = batch_size * seq_len
     trained = {n for n in plan.names if plan.selection(worker, n) is not None}

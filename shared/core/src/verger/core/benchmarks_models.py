@@ -40,7 +40,7 @@ from verger.core.kernels import (
 )
 from verger.core.nn import TransformerConfig, TransformerLM
 from verger.core.testing import limit_torch_threads
-from verger.core.train.progress import progress
+from verger.core.progress import progress
 
 CE_VOCAB = 50257
 

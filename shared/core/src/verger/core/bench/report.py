@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from verger.core.bench.timing import Timing
-from verger.core.train.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from verger.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 Scalar = int | float | bool | str

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from verger.core.train.atomic import atomic_path
+from verger.core.files import atomic_path
 
 _FORMAT = "verger-kmeans-v1"
 

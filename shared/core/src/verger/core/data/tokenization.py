@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from verger.core.train.atomic import atomic_write_text
+from verger.core.files import atomic_write_text
 
 _FORMAT = "verger-tokenizer"
 

@@ -44,13 +44,25 @@ class KernelResources:
         return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
 
 
-def _ptxas_path() -> str | None:
+def _ptxas_path(arch: int = 90) -> str | None:
+    """The ptxas Triton itself uses for ``sm_<arch>``.
+
+    Triton bundles two (``ptxas`` and ``ptxas-blackwell``) and picks one per architecture;
+    the choice changed between releases (3.9 compiles sm_90 with the newer one, whose PTX
+    version the older ptxas rejects), so ask Triton rather than hard-code a file name.
+    """
     try:
         import triton.backends.nvidia as nvidia
     except ImportError:
         return None
     path = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
-    return path if os.access(path, os.X_OK) else None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+    except Exception:  # an older or newer Triton without get_ptxas(arch): the bundled default
+        pass
+    return path if path and os.access(path, os.X_OK) else None
 
 
 def ptxas_available() -> bool:
@@ -174,7 +186,7 @@ def _compile(job: dict[str, Any]) -> KernelResources:
         # counts are those of the kernel Triton would load.
         flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}"]
         result = subprocess.run(
-            [str(_ptxas_path()), *flags, path, "-o", os.devnull],
+            [str(_ptxas_path(arch)), *flags, path, "-o", os.devnull],
             capture_output=True,
             text=True,
             check=True,

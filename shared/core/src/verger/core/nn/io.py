@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from verger.core.nn.config import TransformerConfig
-from verger.core.train.atomic import atomic_write_bytes, atomic_write_text
+from verger.core.files import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from verger.core.nn.model import TransformerLM

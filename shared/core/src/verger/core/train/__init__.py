@@ -10,7 +10,7 @@
 """
 
 from verger.core.runtime import seed_everything
-from verger.core.train.atomic import (
+from verger.core.files import (
     atomic_directory,
     atomic_path,
     atomic_write_bytes,
@@ -32,7 +32,7 @@ from verger.core.train.loop import (
     default_loss,
 )
 from verger.core.train.metrics import MetricsLogger, read_metrics
-from verger.core.train.progress import progress, progress_bar
+from verger.core.progress import progress, progress_bar
 from verger.core.train.schedules import (
     constant_schedule,
     cosine_schedule,

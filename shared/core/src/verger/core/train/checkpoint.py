@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from verger.core.train.atomic import (
+from verger.core.files import (
     atomic_directory,
     atomic_write_text,
     restore_moved_aside,

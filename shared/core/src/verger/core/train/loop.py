@@ -18,7 +18,7 @@ import torch
 
 from verger.core.train.checkpoint import Checkpointer
 from verger.core.train.metrics import MetricsLogger
-from verger.core.train.progress import progress_bar
+from verger.core.progress import progress_bar
 
 
 class NonFiniteLossError(FloatingPointError):

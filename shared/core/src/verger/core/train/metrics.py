@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from verger.core.train.atomic import atomic_write_text
+from verger.core.files import atomic_write_text
 
 
 def _plain(value: Any) -> Any:

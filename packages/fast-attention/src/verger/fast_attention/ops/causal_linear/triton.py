@@ -54,6 +54,8 @@ try:
     import triton
     import triton.language as tl
 
+    from verger.core.kernels.lang import lane_flag
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional at import
     HAS_TRITON = False
@@ -229,7 +231,7 @@ if HAS_TRITON:
         _state_store(base, dk, dv, offs_k, offs_v, tl.dot(kt, v, input_precision=PRECISION))
         if WITH_Z:
             z = tl.sum(kt.to(tl.float32), axis=1)
-            tl.store(base + dk * dv + offs_k, z, mask=(offs_k < dk) & (vb == 0))
+            tl.store(base + dk * dv + offs_k, z, mask=(offs_k < dk) & lane_flag(vb == 0, offs_k))
 
     @triton.jit
     def _reverse_state_tile(
@@ -259,7 +261,7 @@ if HAS_TRITON:
                     do_b = _rows_tile(do_ptr, bh, n, dv, rows, offs).to(tl.float32)
                     out_b = _saved_output(out_ptr, res_ptr, bh, n, dv, rows, offs, RESIDUAL)
                     w += tl.sum(do_b * out_b, axis=1)
-                tl.store(w_ptr + bh * n + rows, w, mask=mask_t & (kb == 0))
+                tl.store(w_ptr + bh * n + rows, w, mask=mask_t & lane_flag(kb == 0, rows))
                 rz = tl.sum(qt * (-w / d)[None, :], axis=1)
                 tl.store(base + dk * dv + offs_k, rz, mask=offs_k < dk)
         else:
@@ -388,7 +390,7 @@ if HAS_TRITON:
             # Normalized weights are in [0, 1] for non-negative features: safe in fp16.
             p = (scores * inv[:, None]).to(v.dtype)
             out = tl.dot(p, v, input_precision=PRECISION) + inter * inv[:, None]
-            tl.store(d_ptr + bh * n + rows, d, mask=mask_t & (pid_v == 0))
+            tl.store(d_ptr + bh * n + rows, d, mask=mask_t & lane_flag(pid_v == 0, rows))
         else:
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION) + inter
         _store_with_residual(out_ptr, res_ptr, bh, n, dv, rows, offs_v, out, RESIDUAL)

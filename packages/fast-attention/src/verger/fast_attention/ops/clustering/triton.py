@@ -25,6 +25,8 @@ try:
     import triton
     import triton.language as tl
 
+    from verger.core.kernels.lang import lane_flag
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional at import
     HAS_TRITON = False
@@ -166,7 +168,7 @@ if HAS_TRITON:
                     a, cent.to(tl.float16), cols, mask_c, c, best, best_idx
                 )
             # rows whose nearest centroid changed (every row at t = 0)
-            prev = tl.load(assign_ptr + g * n + rows, mask=mask_r & (t > 0), other=-1)
+            prev = tl.load(assign_ptr + g * n + rows, mask=mask_r & lane_flag(t > 0, rows), other=-1)
             moved = tl.sum(tl.where(mask_r & (prev != best_idx), 1, 0), axis=0)
             tl.atomic_add(changed_ptr + t * n_groups + g, moved)
             tl.store(assign_ptr + g * n + rows, best_idx.to(tl.int64), mask=mask_r)

@@ -23,6 +23,8 @@ try:
     import triton
     import triton.language as tl
 
+    from verger.core.kernels.lang import lane_flag
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - triton is optional at import
     HAS_TRITON = False
@@ -49,7 +51,7 @@ if HAS_TRITON:
         vcols = tl.program_id(2) * BD + tl.arange(0, BD)
         mask_c = cols < c
         mask_t = mask_c[:, None] & (vcols < dv)[None, :]
-        return g, cols, vcols, mask_c, mask_t, tl.program_id(2) == 0
+        return g, cols, vcols, mask_c, mask_t, lane_flag(tl.program_id(2) == 0, cols)
 
     @triton.jit
     def _prefix_fwd_kernel(
