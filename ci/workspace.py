@@ -7,6 +7,7 @@ Dependency edges come from each member's ``[project] dependencies`` that name an
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Member:
     description: str
     extras: tuple[str, ...]
     verger_deps: tuple[str, ...]  # distribution names of the members this one depends on
+    requirements: tuple[str, ...] = ()  # the raw [project] dependencies
 
     @property
     def has_cli(self) -> bool:
@@ -71,6 +73,7 @@ def read_member(pyproject: Path, root: Path = ROOT) -> Member:
         description=str(meta.get("description", "")),
         extras=tuple(meta.get("optional-dependencies", {})),
         verger_deps=tuple(d for d in deps if d.startswith("verger-")),
+        requirements=tuple(meta.get("dependencies", [])),
     )
 
 
@@ -112,3 +115,18 @@ def dependents(selected: Iterable[Member], members: Iterable[Member]) -> list[Me
                 chosen.add(m.dist)
                 changed = True
     return [m for m in members if m.dist in chosen]
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """``"0.2"`` and ``"0.2.0"`` compare equal: release numbers padded to three parts."""
+    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def floor(member: Member, dist: str) -> str | None:
+    """The lowest version of ``dist`` that ``member`` allows (its ``>=`` bound), if any."""
+    for raw in member.requirements:
+        if requirement_name(raw) == dist:
+            match = re.search(r">=\s*([0-9][0-9.]*)", raw)
+            return match.group(1) if match else None
+    return None

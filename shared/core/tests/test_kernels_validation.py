@@ -90,3 +90,31 @@ def test_use_backend_redirects_auto_only_inside_the_block(monkeypatch):
     with pytest.raises(ValueError, match="needs TRITON_INTERPRET=1"), use_backend("triton"):
         swiglu(torch.randn(3), torch.randn(3))
     swiglu(torch.randn(3), torch.randn(3))  # "auto" is back to the torch path
+
+
+def test_pick_backend_is_the_one_dispatch_for_every_members_ops(monkeypatch):
+    from verger.core.kernels import (
+        TritonUnavailableError,
+        pick_backend,
+        triton_unusable,
+        use_backend,
+    )
+
+    cpu = torch.device("cpu")
+    choices = ("auto", "torch", "triton", "library")
+    assert pick_backend("library", cpu, op="op", choices=choices) == "library"
+    with pytest.raises(ValueError, match=r"op: backend='cuda' is not one of"):
+        pick_backend("cuda", cpu, op="op")
+    assert pick_backend("auto", cpu, op="op") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if triton_unusable(cpu) is None:  # triton installed: the override reaches any op
+        with use_backend("triton"):
+            assert pick_backend("auto", cpu, op="op") == "triton"
+            assert pick_backend("auto", cpu, op="op", fits=False) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        assert "needs TRITON_INTERPRET=1" in (triton_unusable(cpu) or "")
+        with pytest.raises(TritonUnavailableError, match="op: backend='triton'"):
+            pick_backend("triton", cpu, op="op")
+    with use_backend("torch"):
+        assert pick_backend("auto", cpu, op="op") == "torch"

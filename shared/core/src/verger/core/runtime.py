@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,3 +82,84 @@ def package_version(distribution: str) -> str:
         return version(distribution)
     except PackageNotFoundError:
         return "0+unknown"
+
+
+THREADS_ENV = "VERGER_THREADS"
+
+
+def set_threads(threads: int | None = None) -> int:
+    """The one thread policy: ``threads`` (else ``$VERGER_THREADS``, else torch's default).
+
+    Sets torch's intra-op threads and exports ``VERGER_THREADS`` and ``OMP_NUM_THREADS`` so
+    that worker processes started afterwards (which call this with no argument) use the same
+    count. Returns the count in effect. Raises ``ValueError`` for a count < 1.
+    """
+    if threads is None:
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if not env:
+            return torch.get_num_threads()
+        try:
+            threads = int(env)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV}={env!r} must be an int >= 1") from None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r} must be an int >= 1")
+    torch.set_num_threads(threads)
+    os.environ[THREADS_ENV] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM while :func:`sigterm_raises` is active, so that
+    ``finally`` blocks (which tear down worker processes) run as they do for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Terminated` in the main thread.
+
+    A no-op outside the main thread, or when a handler other than the default one is already
+    installed (the caller's own handling wins).
+    """
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if current not in (signal.SIG_DFL, None):
+            yield
+            return
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, current)
+
+
+def exit_when_parent_dies(parent_pid: int, *, poll_s: float = 0.5) -> None:
+    """Start a daemon thread that ends this process as soon as ``parent_pid`` is gone.
+
+    Worker processes call it first, so that a parent killed with SIGKILL (which runs no
+    cleanup) leaves no orphans, whatever the start method (forkserver children are not the
+    parent's children, so the kernel's parent-death signal would not reach them).
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process
+                os._exit(1)
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="verger-parent-watch", daemon=True).start()

@@ -49,6 +49,12 @@ class Report:
         self.title = title
         self.metrics: dict[str, Scalar] = {}
         self._sections: list[str] = []
+        self._plots: list[str] = []
+
+    @property
+    def plot_files(self) -> list[str]:
+        """The file names of the plots saved so far (``<name>.png``)."""
+        return list(self._plots)
 
     def metric(self, name: str, value: Scalar) -> None:
         """Record one named figure (names: letters, digits, ``_ . - /``; floats must be finite)."""
@@ -108,6 +114,8 @@ class Report:
         plt.close(fig)
         path = self.out_dir / f"{name}.png"
         atomic_write_bytes(path, buf.getvalue())
+        if path.name not in self._plots:
+            self._plots.append(path.name)
         self._sections.append(f"![{name}]({name}.png)\n")
         return path
 

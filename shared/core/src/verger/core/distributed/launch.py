@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from verger.core.runtime import exit_when_parent_dies, sigterm_raises
+
 
 class MultiprocessError(RuntimeError):
     """A rank raised; the message holds that rank's traceback."""
@@ -91,7 +93,9 @@ def _worker(
     results: Any,
     threads: int,
     timeout_s: float,
+    parent_pid: int,
 ) -> None:
+    exit_when_parent_dies(parent_pid)  # no orphans if the launcher is killed with SIGKILL
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -157,44 +161,79 @@ def run_multiprocess(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, port, backend, ref, args, results, threads_per_process, timeout),
+            args=(
+                r,
+                world_size,
+                port,
+                backend,
+                ref,
+                args,
+                results,
+                threads_per_process,
+                timeout,
+                os.getpid(),
+            ),
             daemon=True,
         )
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
     done: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
-    try:
-        while len(done) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(done))
-                raise TimeoutError(f"rank(s) {missing} did not finish within {timeout:.0f} s")
-            try:
-                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
-            except queue_mod.Empty:
-                crashed = [
-                    r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)
-                ]
-                # A process that died without reporting (segfault, os._exit, OOM kill).
-                if crashed:
-                    time.sleep(0.5)  # let a just-sent result arrive before blaming the rank
-                    if results.empty():
-                        codes = {r: procs[r].exitcode for r in crashed}
-                        raise MultiprocessError(
-                            f"rank(s) {crashed} exited without a result (exit codes {codes})"
-                        ) from None
-                continue
-            if not ok:
-                raise MultiprocessError(f"rank {rank} of {world_size} failed:\n{payload}")
-            done[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        results.close()
+    # SIGTERM (and Ctrl-C) unwind through the finally below, which kills the workers.
+    with sigterm_raises():
+        try:
+            for p in procs:
+                p.start()
+            _collect(procs, results, done, world_size, deadline, timeout)
+        except BaseException:
+            _stop(procs, grace_s=0.0)  # a failed rank, a timeout, Ctrl-C or SIGTERM
+            raise
+        finally:
+            _stop(procs, grace_s=5.0)
+            results.close()
     return [done[r] for r in range(world_size)]
+
+
+def _stop(procs: list[Any], *, grace_s: float) -> None:
+    """Join every started worker for up to ``grace_s`` seconds, then kill what is left."""
+    for p in procs:
+        if p.pid is None:
+            continue
+        p.join(timeout=grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _collect(
+    procs: list[Any],
+    results: Any,
+    done: dict[int, Any],
+    world_size: int,
+    deadline: float,
+    timeout: float,
+) -> None:
+    """Gather each rank's result into ``done``; raise on a failed, dead or late rank."""
+    while len(done) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(done))
+            raise TimeoutError(f"rank(s) {missing} did not finish within {timeout:.0f} s")
+        try:
+            rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+        except queue_mod.Empty:
+            crashed = [
+                r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)
+            ]
+            # A process that died without reporting (segfault, os._exit, OOM kill).
+            if crashed:
+                time.sleep(0.5)  # let a just-sent result arrive before blaming the rank
+                if results.empty():
+                    codes = {r: procs[r].exitcode for r in crashed}
+                    raise MultiprocessError(
+                        f"rank(s) {crashed} exited without a result (exit codes {codes})"
+                    ) from None
+            continue
+        if not ok:
+            raise MultiprocessError(f"rank {rank} of {world_size} failed:\n{payload}")
+        done[rank] = pickle.loads(payload)

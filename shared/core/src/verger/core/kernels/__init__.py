@@ -8,9 +8,13 @@ devices or non-contiguous tensors raise ``ValueError``/``TypeError`` naming the 
 
 from verger.core.kernels._common import (
     BACKENDS,
+    TritonUnavailableError,
     interpreter_on,
     next_power_of_2,
+    pick_backend,
+    require_triton,
     triton_available,
+    triton_unusable,
     use_backend,
 )
 from verger.core.kernels.linear_cross_entropy import (
@@ -24,12 +28,15 @@ from verger.core.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "BACKENDS",
+    "TritonUnavailableError",
     "apply_rotary_emb",
     "auto_chunk_size",
     "interpreter_on",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "next_power_of_2",
+    "pick_backend",
+    "require_triton",
     "rms_norm",
     "rms_norm_reference",
     "rotary_reference",
@@ -37,5 +44,6 @@ __all__ = [
     "swiglu",
     "swiglu_reference",
     "triton_available",
+    "triton_unusable",
     "use_backend",
 ]

@@ -1,9 +1,12 @@
-"""Shared plumbing of the fused ops: backend choice, argument checks, Triton availability.
+"""Shared plumbing of every member's kernels: backend choice, argument checks, Triton checks.
 
-Every op picks a backend the same way: ``"auto"`` runs the Triton kernel on CUDA tensors and
-the best pure-torch path elsewhere; ``"triton"`` forces the kernel (on CPU only under
-``TRITON_INTERPRET=1``); ``"torch"`` forces the pure-torch path. Triton is imported lazily,
-so importing ``verger.core`` never needs it and the interpreter flag can be set late.
+Every op of every package picks its backend here, the same way: ``"auto"`` runs the Triton
+kernel on CUDA tensors (when it fits the shapes) and the best pure-torch path elsewhere;
+``"triton"`` forces the kernel (on CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` forces
+the pure-torch path; ``with use_backend("torch"):`` redirects ``"auto"`` for every op of every
+package inside the block. :func:`triton_unusable` is the one answer to "can a Triton kernel
+run on this device?". Triton is imported lazily, so importing ``verger.core`` never needs it
+and the interpreter flag can be set late.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Literal
 
 import torch
 
+from verger.core.validation import KERNEL_DTYPES
+
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = KERNEL_DTYPES
 _AUTO_OVERRIDE: ContextVar[str | None] = ContextVar("verger_kernel_backend", default=None)
 
 
@@ -48,25 +53,74 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, op: str) -> Literal["triton", "torch"]:
-    """Pick the implementation for these tensors; raise ``ValueError`` when it cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend={backend!r} is not one of {BACKENDS}")
-    on_cuda = tensors[0].is_cuda
-    if backend == "auto" and _AUTO_OVERRIDE.get() is not None:
-        backend = _AUTO_OVERRIDE.get()  # type: ignore[assignment]
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+class TritonUnavailableError(ValueError):
+    """``backend="triton"`` was asked for where no Triton kernel can run; says why."""
+
+
+def triton_unusable(device: torch.device | str) -> str | None:
+    """Why a Triton kernel cannot run on ``device`` here (None when it can).
+
+    Triton must be installed, and the tensors on CUDA (on CPU only through the interpreter,
+    ``TRITON_INTERPRET=1`` set before the kernels are defined).
+    """
+    kind = torch.device(device).type
     if not triton_available():
-        raise ValueError(f"{op}: backend='triton' needs the triton package (pip install triton)")
-    if not on_cuda and not interpreter_on():
-        raise ValueError(
-            f"{op}: backend='triton' on {tensors[0].device.type} tensors needs TRITON_INTERPRET=1 "
-            "(see verger.core.testing.setup_triton_interpreter); use backend='auto' or 'torch'"
+        return "backend='triton' needs the triton package (pip install triton)"
+    if kind != "cuda" and not interpreter_on():
+        return (
+            f"backend='triton' on {kind} tensors needs TRITON_INTERPRET=1 (the Triton "
+            "interpreter, set before import: verger.core.testing.setup_triton_interpreter) or "
+            "CUDA tensors; use backend='auto' or 'torch'"
         )
-    return "triton"
+    return None
+
+
+def require_triton(device: torch.device | str, *, op: str = "") -> None:
+    """Raise :class:`TritonUnavailableError` unless a Triton kernel can run on ``device``.
+
+    Skipped while ``torch.compile`` traces (a host-side check that dynamo need not see).
+    """
+    if torch.compiler.is_compiling():
+        return
+    why = triton_unusable(device)
+    if why is not None:
+        raise TritonUnavailableError(f"{op}: {why}" if op else why)
+
+
+def pick_backend(
+    backend: str,
+    device: torch.device | str,
+    *,
+    op: str,
+    fits: bool = True,
+    choices: tuple[str, ...] = BACKENDS,
+) -> str:
+    """The implementation to run for tensors on ``device``.
+
+    ``backend`` must be one of ``choices`` (an op may offer more than triton/torch, e.g. a
+    library path). ``"auto"`` follows :func:`use_backend` when set, else Triton on CUDA when
+    it is installed and the shapes ``fit`` the kernels, else the torch path. ``"triton"`` is
+    checked with :func:`require_triton`; any other choice is returned as given.
+    """
+    if backend not in choices:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {choices}")
+    if backend == "auto":
+        override = _AUTO_OVERRIDE.get()
+        if override == "torch" or (override == "triton" and not fits):
+            return "torch"
+        if override == "triton":
+            backend = "triton"
+        else:
+            kind = torch.device(device).type
+            return "triton" if kind == "cuda" and triton_available() and fits else "torch"
+    if backend == "triton":
+        require_triton(device, op=op)
+    return backend
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, op: str) -> Literal["triton", "torch"]:
+    """:func:`pick_backend` for the device of ``tensors[0]``, among ``auto|triton|torch``."""
+    return pick_backend(backend, tensors[0].device, op=op)  # type: ignore[return-value]
 
 
 def check_tensor(

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from safetensors.torch import load_file, save
 
-from verger.core.nn.config import TransformerConfig
 from verger.core.files import atomic_write_bytes, atomic_write_text
+from verger.core.nn.config import TransformerConfig
 
 if TYPE_CHECKING:
     from verger.core.nn.model import TransformerLM

@@ -9,7 +9,6 @@
 - Atomic writes: :func:`atomic_write_json`, :func:`atomic_write_text`, :func:`atomic_path`.
 """
 
-from verger.core.runtime import seed_everything
 from verger.core.files import (
     atomic_directory,
     atomic_path,
@@ -17,6 +16,8 @@ from verger.core.files import (
     atomic_write_json,
     atomic_write_text,
 )
+from verger.core.progress import progress, progress_bar
+from verger.core.runtime import seed_everything
 from verger.core.train.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -32,7 +33,6 @@ from verger.core.train.loop import (
     default_loss,
 )
 from verger.core.train.metrics import MetricsLogger, read_metrics
-from verger.core.progress import progress, progress_bar
 from verger.core.train.schedules import (
     constant_schedule,
     cosine_schedule,

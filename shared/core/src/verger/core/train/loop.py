@@ -1,24 +1,41 @@
-"""A small training loop: gradient accumulation, clipping, NaN/inf stop, logging, checkpoints.
+"""The training loop every package uses: accumulation, clipping, NaN/inf stop, logging, checkpoints.
 
-It owns no model or data logic: a ``loss_fn(model, batch) -> scalar tensor`` says how a batch
-becomes a loss (default: ``model(input, target).loss`` for a ``(input, target, ...)`` batch).
-Exact resume: the loop's checkpoints hold model, optimizer, scheduler, RNG and the data
-source's ``state_dict()``, so a resumed run reproduces the uninterrupted losses bit for bit
-(on CPU; on GPU up to non-deterministic kernels).
+It owns no model or data logic: a ``loss_fn(model, batch)`` says how a batch becomes a loss
+(default: ``model(input, target).loss`` for a ``(input, target, ...)`` batch); it may return
+``(loss, {"name": value, ...})`` to log more figures per step. Hooks cover what the packages
+need without a loop of their own:
+
+- ``forward_model``: the module the loss is computed with (a ``DistributedDataParallel``
+  wrapper), while ``model`` is what is checkpointed;
+- ``after_step(loop, stats)``: work after each optimizer step (clamping a parameter, EMA
+  weights, a metric), and ``extra_state()`` / ``load_extra_state(state)`` for what else a
+  checkpoint must hold;
+- ``per_rank_state=True``: inside a process group, each rank's RNG and data position are
+  gathered into the checkpoint (rank 0 writes it) and each rank gets its own back on resume,
+  so ranks that draw different randomness (masks, dropout, sampling) resume exactly;
+- :meth:`TrainLoop.train_step` alone: one optimizer step with no logging or checkpointing
+  (an inner step inside another algorithm's outer loop).
+
+Exact resume: checkpoints hold model, optimizer, scheduler, RNG and the data source's
+``state_dict()``, so a resumed run reproduces the uninterrupted losses bit for bit (on CPU; on
+GPU up to non-deterministic kernels).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
-from verger.core.train.checkpoint import Checkpointer
-from verger.core.train.metrics import MetricsLogger
 from verger.core.progress import progress_bar
+from verger.core.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from verger.core.train.metrics import MetricsLogger
+
+LossResult = torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -30,7 +47,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+def default_loss(model: torch.nn.Module, batch: Any) -> LossResult:
     """``model(batch[0], batch[1]).loss`` (or the output itself when it is a tensor)."""
     out = model(batch[0], batch[1])
     loss = getattr(out, "loss", out)
@@ -70,12 +87,20 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class StepStats:
-    """One optimizer step: mean micro-batch loss, pre-clipping gradient norm, learning rate."""
+    """One optimizer step: mean micro-batch loss, pre-clipping gradient norm, learning rate,
+    and the mean of any extra figures the loss function returned."""
 
     step: int
     loss: float
     grad_norm: float
     lr: float
+    extras: Mapping[str, float] = field(default_factory=dict)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class TrainLoop:
@@ -94,11 +119,16 @@ class TrainLoop:
         *,
         config: LoopConfig,
         scheduler: Any = None,
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] = default_loss,
+        loss_fn: Callable[[torch.nn.Module, Any], LossResult] = default_loss,
         checkpointer: Checkpointer | None = None,
         logger: MetricsLogger | None = None,
         show_progress: bool | None = None,
         desc: str = "train",
+        forward_model: torch.nn.Module | None = None,
+        after_step: Callable[[TrainLoop, StepStats], None] | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+        per_rank_state: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -109,6 +139,11 @@ class TrainLoop:
         self.logger = logger
         self.show_progress = show_progress
         self.desc = desc  # the progress bar's label
+        self.forward_model = forward_model if forward_model is not None else model
+        self.after_step = after_step
+        self.extra_state = extra_state
+        self.load_extra_state = load_extra_state
+        self.per_rank_state = per_rank_state
         self.step = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -117,11 +152,13 @@ class TrainLoop:
         batches = list(micro_batches)
         if not batches:
             raise ValueError("train_step needs at least one micro-batch")
-        self.model.train()
+        self.forward_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        extras: dict[str, float] = {}
         for batch in batches:
-            loss = self.loss_fn(self.model, batch)
+            result = self.loss_fn(self.forward_model, batch)
+            loss, more = result if isinstance(result, tuple) else (result, {})
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -130,6 +167,8 @@ class TrainLoop:
                 )
             (loss / len(batches)).backward()
             total += value
+            for name, figure in more.items():
+                extras[name] = extras.get(name, 0.0) + float(figure) / len(batches)
         clip = self.config.grad_clip if self.config.grad_clip is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, clip))
         if not math.isfinite(grad_norm):
@@ -142,36 +181,78 @@ class TrainLoop:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        return StepStats(step=self.step, loss=total / len(batches), grad_norm=grad_norm, lr=lr)
+        stats = StepStats(
+            step=self.step, loss=total / len(batches), grad_norm=grad_norm, lr=lr, extras=extras
+        )
+        if self.after_step is not None:
+            self.after_step(self, stats)
+        return stats
+
+    def _local_state(self, data: Any) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if hasattr(data, "state_dict"):
+            state["data"] = data.state_dict()
+        if self.per_rank_state:
+            state["rng"] = rng_state()
+        return state
 
     def save(self, data: Any = None) -> None:
-        """Checkpoint now (no-op without a checkpointer)."""
-        if self.checkpointer is None:
-            return
-        extra = {"data": data.state_dict()} if hasattr(data, "state_dict") else {}
-        self.checkpointer.save(
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            extra=extra,
-        )
+        """Checkpoint now (no-op without a checkpointer). Inside a process group only rank 0
+        writes; with ``per_rank_state`` every rank must call this (their states are
+        gathered), and every rank should hold the same checkpointer so that all resume."""
+        rank, world = _dist_rank_world()
+        local = self._local_state(data)
+        if self.per_rank_state and world > 1:
+            states: list[Any] = [None] * world
+            dist.all_gather_object(states, local)
+        else:
+            states = [local]
+        if self.checkpointer is not None and rank == 0:
+            extra: dict[str, Any] = {"ranks": states} if self.per_rank_state else dict(local)
+            if self.extra_state is not None:
+                extra["user"] = self.extra_state()
+            self.checkpointer.save(
+                self.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra=extra,
+            )
+        if self.per_rank_state and world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint that is still being written
 
     def resume(self, data: Any = None) -> bool:
         """Restore the latest checkpoint if any (model, optimizer, scheduler, RNG, data).
 
-        The logger, if any, is rewound to the restored step (:meth:`MetricsLogger.rewind`).
+        With ``per_rank_state`` each rank restores its own RNG and data position (a checkpoint
+        from another world size restores the model and optimizer only, and says so). The
+        logger, if any, is rewound to the restored step (:meth:`MetricsLogger.rewind`).
         """
         if self.checkpointer is None:
             return False
         ckpt = self.checkpointer.load_latest(
-            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location="cpu"
         )
         if ckpt is None:
             return False
         self.step = ckpt.step
-        if "data" in ckpt.extra and hasattr(data, "load_state_dict"):
-            data.load_state_dict(ckpt.extra["data"])
+        rank, world = _dist_rank_world()
+        if self.per_rank_state:
+            ranks = ckpt.extra.get("ranks")
+            if not isinstance(ranks, list) or len(ranks) != world:
+                saved = len(ranks) if isinstance(ranks, list) else "no"
+                raise ValueError(
+                    f"the checkpoint at step {ckpt.step} holds {saved} per-rank state(s) for a "
+                    f"run of {world} rank(s): resume with the world size it was saved with"
+                )
+            local = ranks[rank]
+            set_rng_state(local["rng"])
+        else:
+            local = ckpt.extra
+        if "data" in local and hasattr(data, "load_state_dict"):
+            data.load_state_dict(local["data"])
+        if self.load_extra_state is not None and "user" in ckpt.extra:
+            self.load_extra_state(ckpt.extra["user"])
         if self.logger is not None:
             # The steps after the checkpoint are run again: drop their first records so the
             # log stays one series per step.
@@ -205,7 +286,11 @@ class TrainLoop:
                     bar.set_postfix(loss=f"{stats.loss:.4f}")
                     if self.logger is not None:
                         self.logger.log(
-                            self.step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr
+                            self.step,
+                            loss=stats.loss,
+                            grad_norm=stats.grad_norm,
+                            lr=stats.lr,
+                            **stats.extras,
                         )
                 every = cfg.checkpoint_every
                 if (every and self.step % every == 0) or self.step == cfg.max_steps:

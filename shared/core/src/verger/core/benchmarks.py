@@ -1,6 +1,6 @@
-"""Benchmarks of the transformer LM and the fused kernels (``python -m verger.core bench``).
+"""``python -m verger.core bench``: the transformer LM, the fused kernels, the data pipeline.
 
-:func:`run` adds to a :class:`verger.core.bench.Report`:
+:func:`run_bench` (the command; :class:`BenchSettings`) records in ``metrics.json``:
 
 - ``train_step_speedup_fused``: tokens/s of a full training step (forward, backward, AdamW)
   of a ~20M-parameter ``TransformerLM`` with ``fused=True`` over the same model with
@@ -14,6 +14,7 @@
   pure-torch reference; on CUDA also ``<op>_speedup_vs_compile`` against
   ``torch.compile(reference)``.
 - ``torch_num_threads``: the intra-op threads used (CPU timings depend on it).
+- ``data_*``: tokenizer and sampler throughput on stdlib text.
 
 The measuring functions return plain dicts so they can be used without a Report.
 """
@@ -21,6 +22,7 @@ The measuring functions return plain dicts so they can be used without a Report.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +41,10 @@ from verger.core.kernels import (
     swiglu_reference,
 )
 from verger.core.nn import TransformerConfig, TransformerLM
-from verger.core.testing import limit_torch_threads
 from verger.core.progress import progress
+from verger.core.runs import Run
+from verger.core.settings import Settings, option
+from verger.core.testing import limit_torch_threads
 
 CE_VOCAB = 50257
 
@@ -119,16 +123,38 @@ def measure_cross_entropy(
     }
 
 
-def _op_cases(device: torch.device, quick: bool) -> dict[str, tuple[Callable, Callable, list]]:
+@dataclass(kw_only=True)
+class BenchSettings(Settings):
+    """Sizes of ``python -m verger.core bench`` (``--quick``: under 2 minutes on 2 CPU cores)."""
+
+    batch: int = option(8, quick=2, at_least=1, help="training-step batch (sequences)")
+    seq_len: int = option(256, quick=128, at_least=8, help="training-step sequence length")
+    ce_tokens: int = option(4096, quick=512, at_least=1, help="cross-entropy tokens")
+    op_rows: int = option(8192, quick=1024, at_least=16, help="rows of the op benchmarks")
+    op_dim: int = option(1024, quick=512, at_least=16, help="hidden size of the op benchmarks")
+    op_heads: int = option(16, quick=8, at_least=1, help="heads of the rotary benchmark")
+    repeats: int = option(7, quick=3, at_least=1, help="timed repeats per candidate")
+    data_docs: int = option(100, quick=20, at_least=1, help="documents tokenized per repeat")
+    timing_threads: int | None = option(
+        None,
+        quick=1,
+        at_least=1,
+        identity=False,
+        help="CPU intra-op threads while timing (none: --threads); one thread keeps a loaded "
+        "shared machine's timings stable",
+    )
+
+
+def _op_cases(device: torch.device, s: BenchSettings) -> dict[str, tuple[Callable, Callable, list]]:
     """For each op: (dispatch fn, reference fn, inputs) at an LM-like size."""
-    rows, d, heads = (1024, 512, 8) if quick else (8192, 1024, 16)
+    rows, d, heads = s.op_rows, s.op_dim, s.op_heads
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
     cos, sin = rotary_tables(rows // 4, d // heads, device=device)
-    ce_rows, ce_dim = (512, 256) if quick else (4096, 512)
+    ce_rows, ce_dim = s.ce_tokens, 256
     ce_t = torch.randint(0, CE_VOCAB, (ce_rows,), generator=gen).to(device)
     return {
         "rms_norm": (
@@ -150,11 +176,11 @@ def _op_cases(device: torch.device, quick: bool) -> dict[str, tuple[Callable, Ca
     }
 
 
-def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str, float]:
+def measure_ops(*, device: torch.device, settings: BenchSettings) -> dict[str, float]:
     """Forward + backward of each op's dispatch path vs its reference (and torch.compile of
     the reference on CUDA, where the Triton kernels run)."""
     out: dict[str, float] = {}
-    cases = _op_cases(device, quick)
+    cases = _op_cases(device, settings)
     for name, (fn, ref, inputs) in progress(cases.items(), desc="ops", total=len(cases)):
         leaves = [t.requires_grad_(True) for t in inputs]
 
@@ -170,7 +196,7 @@ def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str,
         candidates = {"dispatch": fwd_bwd(fn), "reference": fwd_bwd(ref)}
         if device.type == "cuda":
             candidates["compile"] = fwd_bwd(torch.compile(ref, dynamic=False))
-        timings = compare(candidates, warmup=2, repeats=repeats)
+        timings = compare(candidates, warmup=2, repeats=settings.repeats)
         base = timings["dispatch"].median_s
         out[f"{name}_speedup_vs_reference"] = timings["reference"].median_s / base
         if "compile" in timings:
@@ -178,42 +204,65 @@ def measure_ops(*, device: torch.device, quick: bool, repeats: int) -> dict[str,
     return out
 
 
-def _measure_all(dev: torch.device, *, quick: bool, repeats: int) -> dict[str, float]:
+def measure_data_pipeline(settings: BenchSettings) -> dict[str, float]:
+    """Tokenizer and sampler throughput on stdlib text (no downloads)."""
+    from verger.core.data import (
+        ByteTokenizer,
+        DomainSampler,
+        PackedDataset,
+        build_corpus,
+        train_bpe,
+    )
+
+    corpus = build_corpus(domains=["docs"], progress=False)
+    docs = corpus.documents("docs")[: settings.data_docs]
+    text_mb = sum(len(d.encode()) for d in docs) / 1e6
+    out: dict[str, float] = {}
+    byte = ByteTokenizer()
+    fns = {"byte": lambda: [byte.encode(d) for d in docs]}
+    try:
+        bpe = train_bpe(docs, vocab_size=1024)
+        fns["bpe"] = lambda: bpe.encode_batch(docs)
+    except ImportError:
+        pass
+    t = compare(fns, warmup=1, repeats=settings.repeats)
+    for name, timing in t.items():
+        out[f"data_{name}_encode_mb_per_s"] = text_mb / timing.median_s
+    ds = {f"d{i}": PackedDataset(torch.randint(1000, (200_000,)), 128) for i in range(8)}
+    sampler = DomainSampler(ds, torch.ones(8), batch_size=32)
+    t = compare({"sample": sampler.sample}, warmup=2, repeats=settings.repeats * 3, inner=10)
+    out["data_sampler_batches_per_s"] = 1.0 / t["sample"].median_s
+    return out
+
+
+def _measure_all(dev: torch.device, s: BenchSettings) -> dict[str, float]:
     metrics: dict[str, float] = {}
-    for stage in progress(["train step", "cross-entropy", "ops"], desc="models bench"):
+    stages = ["train step", "cross-entropy", "ops", "data"]
+    for stage in progress(stages, desc="core bench"):
         if stage == "train step":
             metrics |= measure_train_step(
-                batch=2 if quick else 8,
-                seq_len=128 if quick else 256,
-                repeats=repeats,
-                device=dev,
+                batch=s.batch, seq_len=s.seq_len, repeats=s.repeats, device=dev
             )
         elif stage == "cross-entropy":
             metrics |= measure_cross_entropy(
-                tokens=512 if quick else 4096, dim=256, device=dev, repeats=repeats
+                tokens=s.ce_tokens, dim=256, device=dev, repeats=s.repeats
             )
+        elif stage == "ops":
+            metrics |= measure_ops(device=dev, settings=s)
         else:
-            metrics |= measure_ops(device=dev, quick=quick, repeats=repeats)
+            metrics |= measure_data_pipeline(s)
     return metrics
 
 
-def run(
-    report: Report, *, quick: bool, device: torch.device | str | None = None
-) -> dict[str, float]:
-    """Run every measurement, add metrics, tables and plots to ``report``; returns the metrics.
-
-    ``quick`` (under 2 minutes on 2 CPU cores) uses a smaller batch, fewer tokens and
-    repeats, and on CPU a single intra-op thread: on a loaded shared machine two threads per
-    process thrash and the timings swing by 10x from run to run.
-    """
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    threads = 1 if quick and dev.type == "cpu" else torch.get_num_threads()
+def run_bench(settings: BenchSettings, run: Run) -> Report:
+    """Every measurement on ``run.device``, with tables and plots, into the run folder."""
+    dev = run.device
+    report = run.report("verger-core bench")
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and settings.timing_threads is not None:
+        threads = settings.timing_threads
     with limit_torch_threads(threads):
-        metrics = _measure_all(dev, quick=quick, repeats=3 if quick else 7)
+        metrics = _measure_all(dev, settings)
     metrics["torch_num_threads"] = threads
     report.metrics_from(metrics)
     report.text(
@@ -229,6 +278,8 @@ def run(
             "paths were measured; the Triton `*_speedup_vs_compile` figures need CUDA."
         )
     )
+    data = {k: v for k, v in metrics.items() if k.startswith("data_")}
+    report.table("Data pipeline throughput", [{"metric": k, "value": v} for k, v in data.items()])
     fig, ax = new_figure(width=10.0, height=3.5)
     ax.remove()
     ax1, ax2 = fig.subplots(1, 2)
@@ -248,4 +299,4 @@ def run(
     ax2.set_title(f"cross-entropy, vocab {CE_VOCAB}")
     fig.tight_layout()
     report.plot("models_bench", fig)
-    return metrics
+    return report
