@@ -1,6 +1,6 @@
 """Helpers shared by every package's tests: tolerant comparisons, the Triton interpreter,
-tiny model configs (``tiny_config``), skip markers (``requires_cuda``, ``requires_triton``)
-and ``limit_torch_threads``.
+tiny model configs (``tiny_config``), skip markers (``requires_cuda``, ``requires_triton``),
+``limit_torch_threads``, and ``run_readme_python`` (a README's quickstart, executed).
 
 Import this module from a ``conftest.py`` *before* anything that defines a Triton kernel:
 ``setup_triton_interpreter()`` must run before ``@triton.jit`` executes.
@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,10 +85,9 @@ def _cuda_available() -> bool:
 
 
 def _triton_usable() -> bool:
-    import importlib.util
+    from verger.core.kernels import triton_unusable
 
-    has_triton = importlib.util.find_spec("triton") is not None
-    return has_triton and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton_unusable("cuda" if torch.cuda.is_available() else "cpu") is None
 
 
 def _skipif(condition: bool, reason: str):  # pytest is a test-time dependency only
@@ -120,3 +124,44 @@ def tiny_config(**overrides: Any) -> TransformerConfig:
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+_FENCE = re.compile(r"(<!--\s*not run\s*-->\s*\n)?[ \t]*```python\n(.*?)```", re.DOTALL)
+
+
+def readme_python_blocks(readme: str | os.PathLike[str]) -> list[str]:
+    """The ```python code blocks of a Markdown file, in order.
+
+    A block right after an ``<!-- not run -->`` comment is left out (say why in the README:
+    a GPU-only or multi-host snippet).
+    """
+    text = Path(readme).read_text(encoding="utf-8")
+    return [textwrap.dedent(m.group(2)) for m in _FENCE.finditer(text) if not m.group(1)]
+
+
+def run_readme_python(
+    readme: str | os.PathLike[str], *, cwd: str | os.PathLike[str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run a README's python blocks, one after the other as one script, in a fresh process.
+
+    Raises ``AssertionError`` with the script and its stderr when it fails, so that a
+    quickstart that no longer runs fails the package's tests instead of a user.
+    """
+    blocks = readme_python_blocks(readme)
+    if not blocks:
+        raise AssertionError(f"{readme} has no python code block to run")
+    script = "\n".join(blocks)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"the python blocks of {readme} failed (exit {proc.returncode}):\n{script}\n"
+            f"--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
