@@ -37,7 +37,9 @@ def test_readme_links_are_in_the_sdist(member) -> None:
     meta = tomllib.loads((member.path / "pyproject.toml").read_text(encoding="utf-8"))
     includes = meta["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
     missing = [rel for rel in local_links(readme) if not in_sdist(rel, includes)]
-    assert missing == [], f"{member.rel}/README.md links {missing}, left out of the sdist {includes}"
+    assert missing == [], (
+        f"{member.rel}/README.md links {missing}, left out of the sdist {includes}"
+    )
 
 
 def test_the_link_reader(tmp_path) -> None:
