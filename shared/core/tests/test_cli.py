@@ -30,8 +30,8 @@ APP = textwrap.dedent(
         if s.fail:
             raise RuntimeError("the work failed\\nwith a second line")
         if s.sleep:
-            print("sleeping", flush=True)
             try:
+                print("sleeping", flush=True)  # inside the try: the signal may come at once
                 time.sleep(s.sleep)
             finally:
                 run.path("cleanup.txt").write_text("finally ran")
