@@ -138,3 +138,15 @@ def test_dry_run_prints_the_resolved_options(app, tmp_path) -> None:
     shown = json.loads(proc.stdout)
     assert shown["device"] == "cpu" and shown["settings"]["steps"] == 5
     assert not (tmp_path / "o").exists()  # nothing created
+
+
+@pytest.mark.timeout(600)
+def test_under_torchrun_rank_0_owns_the_run_folder(app, tmp_path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "0", str(app), "demo", "--quick", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 reports; rank 1 followed quietly
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["launch"]

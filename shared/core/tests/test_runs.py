@@ -140,3 +140,43 @@ def test_paths_must_stay_inside_the_folder(tmp_path) -> None:
 def test_resume_and_overwrite_together_are_refused(tmp_path) -> None:
     with pytest.raises(RunFolderError, match="exclude each other"):
         Run.open(request(tmp_path / "r", resume=True, overwrite=True))
+
+
+def test_torchrun_followers_share_rank_0s_decision_and_write_nothing(tmp_path) -> None:
+    import threading
+
+    folder = tmp_path / "run"
+    got: dict[str, object] = {}
+
+    def follower() -> None:
+        try:
+            with Run.open(request(folder, rank=1, launch="L1", follow_timeout_s=60)) as run:
+                got["resumed"] = run.resumed
+                got["path"] = run.path("checkpoints")
+                got["metrics"] = run.finish({"loss": 2.0})
+        except Exception as exc:  # handed to the main thread
+            got["error"] = exc
+
+    thread = threading.Thread(target=follower)
+    thread.start()  # rank 1 starts first and waits for rank 0
+    with Run.open(request(folder, launch="L1")) as leader:
+        thread.join(timeout=60)
+        assert "error" not in got, got
+        assert got["resumed"] is False and got["path"] == folder / "checkpoints"
+        assert leader.record["created"] == []  # the follower recorded nothing
+        assert not (folder / "metrics.json").exists()  # ...and wrote no report
+        leader.finish({"loss": 1.0})
+    # a relaunch of the finished run: rank 0 reports it, and rank 1 learns it at once
+    with pytest.raises(AlreadyFinished):
+        Run.open(request(folder, launch="L2"))
+    with pytest.raises(AlreadyFinished):
+        Run.open(request(folder, rank=1, launch="L2", follow_timeout_s=5))
+    with pytest.raises(RunFolderError, match=r"rank 0 refused .*other settings"):
+        with pytest.raises(RunFolderError):
+            Run.open(request(folder, launch="L3", settings=S(steps=99)))
+        Run.open(request(folder, rank=1, launch="L3", settings=S(steps=99), follow_timeout_s=5))
+
+
+def test_a_follower_without_a_leader_times_out_clearly(tmp_path) -> None:
+    with pytest.raises(RunFolderError, match=r"rank 0 did not open .* within 1 s"):
+        Run.open(request(tmp_path / "r", rank=1, launch="L", follow_timeout_s=1))

@@ -29,6 +29,7 @@ What every command gets:
   values, explicit flags win.
 - The run folder rules (:mod:`verger.core.runs`): locked, recorded, resumed only with matching
   settings, never deleting what the run did not create, a finished run reported not rerun.
+  Under torchrun, rank 0 owns the folder and the other ranks follow its decision.
 - Exit codes: 0 done (the last line printed is ``wrote <out>/metrics.json``); 2 a usage error
   or a refused run folder (one line, no traceback); 1 a failure during the work (one line;
   ``--debug`` or ``VERGER_DEBUG=1`` shows the traceback); 130 interrupted (Ctrl-C); 143
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from verger.core.bench.report import Report
-from verger.core.runs import AlreadyFinished, Run, RunFolderError, RunRequest
+from verger.core.runs import AlreadyFinished, Run, RunFolderError, RunRequest, launch_id
 from verger.core.runtime import (
     Terminated,
     package_version,
@@ -297,6 +298,7 @@ class PackageCLI:
                 )
             )
             return 0
+        rank, launch = launch_id()
         request = RunRequest(
             folder=folder,
             package=self.package,
@@ -309,6 +311,8 @@ class PackageCLI:
             overwrite=args.overwrite,
             version=package_version(self.distribution),
             rebuild_corpus=bool(getattr(args, "rebuild_corpus", False)),
+            rank=rank,
+            launch=launch,
         )
         with sigterm_raises():
             try:
@@ -344,7 +348,8 @@ class PackageCLI:
                 if not debug:
                     print("(run again with --debug for the traceback)", file=sys.stderr)
                 return EXIT_FAILURE
-        print(f"wrote {metrics}")
+        if rank == 0:  # under torchrun, the other ranks leave the report to rank 0
+            print(f"wrote {metrics}")
         return 0
 
 

@@ -18,6 +18,10 @@ and seed, the entries the run created, and whether it finished. The rules:
 
 Every file or folder a run writes at the top of its folder is named through :meth:`Run.path`
 (or written by :meth:`Run.finish`), so that ``run.json`` knows what belongs to the run.
+
+Under torchrun every rank runs the same command: rank 0 owns the folder (the lock, the
+checks, ``run.json``, the report); the other ranks wait until rank 0 has opened it for the
+same launch and follow its decision (``run.resumed``), writing nothing of the record.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import datetime
 import json
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ __all__ = ["AlreadyFinished", "Run", "RunFolderError", "RunRequest"]
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".run.lock"
+LAUNCH_FILE = ".run.launch"  # under torchrun: rank 0's decision for the current launch
 FORMAT = 1
 
 
@@ -74,10 +80,37 @@ class RunRequest:
     overwrite: bool = False
     version: str = "0+unknown"
     rebuild_corpus: bool = False  # --rebuild-corpus, for commands that read the corpus
+    rank: int = 0  # under torchrun: this process's RANK (only rank 0 owns the folder)
+    launch: str | None = None  # under torchrun: what identifies this launch (see launch_id)
+    follow_timeout_s: float = 600.0
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def launch_id(env: Mapping[str, str] | None = None) -> tuple[int, str | None]:
+    """``(rank, launch)`` of a torchrun process (``(0, None)`` outside torchrun).
+
+    The launch is named by torchrun's run id and rendezvous address, which every rank of one
+    launch shares and a relaunch changes.
+    """
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0, None
+    parts = (
+        env.get("TORCHELASTIC_RUN_ID", ""),
+        env.get("MASTER_ADDR", ""),
+        env.get("MASTER_PORT", ""),
+    )
+    return int(env.get("RANK", "0") or 0), ":".join(parts)
+
+
+class _NoLock:
+    """What a follower rank holds instead of the folder's lock (rank 0 holds that)."""
+
+    def release(self) -> None:
+        pass
 
 
 class Run:
@@ -90,7 +123,10 @@ class Run:
     ``run.json`` content).
     """
 
-    def __init__(self, request: RunRequest, lock: FileLock, record: dict[str, Any]) -> None:
+    def __init__(
+        self, request: RunRequest, lock: FileLock | _NoLock, record: dict[str, Any]
+    ) -> None:
+        self.leader = request.rank == 0  # only the leader writes run.json and the report
         self.folder = request.folder
         self.settings = request.settings
         self.seed = request.seed
@@ -109,6 +145,8 @@ class Run:
         folder = request.folder
         if request.resume and request.overwrite:
             raise RunFolderError("--resume and --overwrite exclude each other: pick one")
+        if request.rank != 0:
+            return cls._follow(request)
         if folder.exists() and not folder.is_dir():
             raise RunFolderError(f"{folder} is a file; give a folder (created if missing)")
         folder.mkdir(parents=True, exist_ok=True)
@@ -122,14 +160,58 @@ class Run:
             )
         try:
             record = cls._check(request)
+        except AlreadyFinished:
+            cls._tell_followers(request, "finished", "")
+            lock.release()
+            raise
+        except RunFolderError as err:
+            cls._tell_followers(request, "refused", str(err))
+            lock.release()
+            raise
         except BaseException:
             lock.release()
             raise
         run = cls(request, lock, record)
+        cls._tell_followers(request, "opened", "")
         if str(request.device) not in record["devices"]:
             record["devices"].append(str(request.device))
         run._write_record()
         return run
+
+    @staticmethod
+    def _tell_followers(request: RunRequest, outcome: str, message: str) -> None:
+        """Rank 0 says what it decided for this launch (only under torchrun)."""
+        if request.launch is not None:
+            atomic_write_json(
+                request.folder / LAUNCH_FILE,
+                {"launch": request.launch, "outcome": outcome, "message": message},
+            )
+
+    @classmethod
+    def _follow(cls, request: RunRequest) -> Run:
+        """A torchrun rank > 0: wait for rank 0's decision for this launch, then share it
+        (fresh or resumed; or its refusal) without taking the lock or writing anything."""
+        deadline = time.monotonic() + request.follow_timeout_s
+        path = request.folder / LAUNCH_FILE
+        while True:
+            try:
+                said = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                said = {}
+            if said.get("launch") == request.launch and request.launch is not None:
+                if said.get("outcome") == "finished":
+                    raise AlreadyFinished(request.folder)
+                if said.get("outcome") == "refused":
+                    raise RunFolderError(f"rank 0 refused the run folder: {said.get('message')}")
+                record = cls._read_record(request.folder)
+                if record is not None:
+                    return cls(request, _NoLock(), record)
+            if time.monotonic() > deadline:
+                raise RunFolderError(
+                    f"rank {request.rank}: rank 0 did not open {request.folder} for this launch "
+                    f"within {request.follow_timeout_s:.0f} s (see rank 0's error)"
+                )
+            time.sleep(0.2)
 
     @staticmethod
     def _read_record(folder: Path) -> dict[str, Any] | None:
@@ -155,7 +237,9 @@ class Run:
         folder = request.folder
         record = cls._read_record(folder)
         if record is None:
-            others = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+            others = sorted(
+                p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, LAUNCH_FILE)
+            )
             if others:
                 shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
                 raise RunFolderError(
@@ -193,6 +277,7 @@ class Run:
         record = dict(record)
         record["resumes"] = int(record.get("resumes", 0)) + 1
         record["status"] = "running"
+        record["launch"] = request.launch
         return record
 
     @staticmethod
@@ -210,12 +295,17 @@ class Run:
             "created": [],
             "started": _now(),
             "devices": [str(request.device)],
+            "launch": request.launch,
         }
 
     @staticmethod
     def _remove_created(folder: Path, record: Mapping[str, Any]) -> None:
         for name in record.get("created", []):
-            if not isinstance(name, str) or "/" in name or name in ("", ".", "..", LOCK_FILE):
+            if (
+                not isinstance(name, str)
+                or "/" in name
+                or name in ("", ".", "..", LOCK_FILE, LAUNCH_FILE)
+            ):
                 continue  # only plain top-level names the run recorded
             path = folder / name
             if path.is_dir() and not path.is_symlink():
@@ -232,9 +322,9 @@ class Run:
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise ValueError(f"run.path({name!r}) must be a relative path inside the run folder")
         top = relative.parts[0]
-        if top in (RUN_FILE, LOCK_FILE):
+        if top in (RUN_FILE, LOCK_FILE, LAUNCH_FILE):
             raise ValueError(f"run.path({name!r}): {top} belongs to the run folder itself")
-        if top not in self.record["created"]:
+        if self.leader and top not in self.record["created"]:
             self.record["created"].append(top)
             self._write_record()
         return self.folder / relative
@@ -253,6 +343,8 @@ class Run:
         else:
             report = self.report(title or f"{self.record['package']} {self.record['command']}")
             report.metrics_from(dict(result))
+        if not self.leader:  # rank 0 writes the report and the record
+            return self.folder / "metrics.json"
         for name in ("metrics.json", "report.md", *report.plot_files):
             self.path(name)
         report.write()
@@ -278,7 +370,8 @@ class Run:
         self.close()
 
     def _write_record(self) -> None:
-        atomic_write_json(self.folder / RUN_FILE, self.record)
+        if self.leader:
+            atomic_write_json(self.folder / RUN_FILE, self.record)
 
 
 def is_run_folder(folder: str | os.PathLike[str]) -> bool:
