@@ -158,3 +158,20 @@ def test_load_onto_cuda_restores_the_rng(tmp_path) -> None:
     ckpt.load(model=model.cuda(), map_location="cuda")
     got = torch.rand(4), torch.rand(4, device="cuda")
     assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+def test_a_model_of_another_size_is_one_clear_error(tmp_path) -> None:
+    from verger.core.nn import TransformerLM
+    from verger.core.testing import tiny_config
+    from verger.core.train import Checkpointer, CheckpointError
+
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, model=TransformerLM(tiny_config()))
+    ckpt.load(model=TransformerLM(tiny_config()))  # same shape: fine (tied head included)
+    with pytest.raises(
+        CheckpointError,
+        match=r"another shape \(blocks\.0\.attn\.k_proj\.weight \[32, 32\] saved, \[48, 48\] now.*\(\+17 more\)",
+    ):
+        ckpt.load(model=TransformerLM(tiny_config(d_model=48)))
+    with pytest.raises(CheckpointError, match=r"not saved: blocks\.2\."):
+        ckpt.load(model=TransformerLM(tiny_config(n_layers=3)))

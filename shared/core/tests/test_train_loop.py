@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -248,3 +249,27 @@ def test_per_rank_state_resumes_two_ranks_exactly(tmp_path) -> None:
     for rank in range(2):
         assert part1[rank] + part2[rank] == whole[rank]  # bit for bit, each rank's own masks
     assert whole[0] != whole[1]  # the ranks did draw different randomness
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path) -> None:
+    def boom(loop, stats):
+        if stats.step == 3:
+            raise KeyboardInterrupt  # killed mid-run, before any checkpoint
+
+    for after in (boom, None):
+        seed_everything(0)
+        model = ToyLM()
+        with MetricsLogger(tmp_path / "logs", tensorboard=None) as logger:
+            loop = TrainLoop(
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                config=LoopConfig(max_steps=4, log_every=1),
+                checkpointer=Checkpointer(tmp_path / "ck"),
+                logger=logger,
+                show_progress=False,
+                after_step=after,
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                loop.run(ToyStream(seed=1))
+    steps = [r["step"] for r in read_metrics(tmp_path / "logs" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]

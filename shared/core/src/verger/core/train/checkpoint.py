@@ -221,6 +221,18 @@ class Checkpointer:
             if not weights.is_file():
                 raise CheckpointError(f"{weights} is missing (saved without a model?); {remedy}")
             try:
+                mismatch = _shape_mismatches(model, weights)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{weights} is corrupt ({exc}); {remedy}") from None
+            if mismatch:
+                shown = "; ".join(mismatch[:3]) + (
+                    f" (+{len(mismatch) - 3} more)" if len(mismatch) > 3 else ""
+                )
+                raise CheckpointError(
+                    f"{weights} holds a model of another shape ({shown}): resume with the "
+                    "model settings it was saved with, or start a new run"
+                )
+            try:
                 load_model(model, str(weights), strict=True, device=str(map_location))
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(f"{weights} is corrupt ({exc}); {remedy}") from None
@@ -252,3 +264,33 @@ class Checkpointer:
         if self.latest_step() is None:
             return None
         return self.load(None, **kwargs)
+
+
+def _shape_mismatches(model: torch.nn.Module, weights: Path) -> list[str]:
+    """How the tensors saved in ``weights`` differ from ``model``'s (names and shapes).
+
+    Read from the safetensors header only, so a model of another size is explained in one
+    line instead of load_state_dict's list of size errors. Tied weights are saved once.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    state = model.state_dict()
+    now = {name: list(t.shape) for name, t in state.items()}
+    out = [
+        f"{name} {saved[name]} saved, {now[name]} now"
+        for name in saved
+        if name in now and saved[name] != now[name]
+    ]
+    missing = sorted(set(now) - set(saved))
+    unexpected = sorted(set(saved) - set(now))
+    # save_model drops tied duplicates: a missing name sharing storage with a saved one is fine
+    saved_ptrs = {state[m].data_ptr() for m in saved if m in state}
+    tied = {n for n in missing if state[n].data_ptr() in saved_ptrs}
+    missing = [n for n in missing if n not in tied]
+    if missing:
+        out.append(f"not saved: {', '.join(missing[:3])}")
+    if unexpected:
+        out.append(f"not in the model: {', '.join(unexpected[:3])}")
+    return out

@@ -234,6 +234,8 @@ class TrainLoop:
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location="cpu"
         )
         if ckpt is None:
+            if self.logger is not None:
+                self.logger.rewind(0)  # killed before its first checkpoint: every step reruns
             return False
         self.step = ckpt.step
         rank, world = _dist_rank_world()
