@@ -20,14 +20,56 @@ import tempfile
 SHARED = ("--out", "--quick", "--device", "--seed", "--threads", "--resume", "--overwrite")
 
 
-def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
+# Run in the child: each command line through ``runpy`` in one interpreter, so that torch and
+# the member are imported once (a process per call made the check minutes long for packages
+# with heavy imports). A command line's exit code, stdout and stderr are what a separate
+# process would give: SystemExit is its code, an escaping exception prints a traceback, exit 1.
+_CHILD = """
+import contextlib, io, json, runpy, sys, traceback
+module, argvs = json.loads(sys.stdin.read())
+results = []
+for argv in argvs:
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    sys.argv = [module, *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if stop.code is not None and not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+def _run_all(module: str, argvs: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Each command line's result, as if run as ``python -m module *argv``."""
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        input=json.dumps([module, argvs]),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
+    try:
+        results = json.loads(child.stdout)
+    except ValueError:
+        failed = subprocess.CompletedProcess(["python", "-m", module], 1, "", child.stderr)
+        return [failed for _ in argvs]
+    return [
+        subprocess.CompletedProcess([sys.executable, "-m", module, *argv], code, out, err)
+        for argv, (code, out, err) in zip(argvs, results, strict=True)
+    ]
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _run_all(module, [list(args)])[0]
 
 
 def commands_of(help_text: str) -> list[str]:
@@ -46,12 +88,20 @@ def check(module: str) -> list[str]:
     if not commands:
         return [f"`{module} --help` lists no subcommands (the contract's PackageCLI does)"]
     with tempfile.TemporaryDirectory() as tmp:
+        argvs = []
         for cmd in commands:
-            helped = _run(module, cmd, "--help")
+            argvs += [
+                [cmd, "--help"],
+                [cmd, "--no-such-option"],
+                [cmd, "--device", "tpu"],
+                [cmd, "--quick", "--device", "cpu", "--dry-run", "--out", tmp],
+            ]
+        results = iter(_run_all(module, argvs))
+        for cmd in commands:
+            helped, bad, tpu, dry = (next(results) for _ in range(4))
             missing = [o for o in SHARED if o not in helped.stdout]
             if helped.returncode != 0 or missing:
                 problems.append(f"`{cmd} --help`: exit {helped.returncode}, missing {missing}")
-            bad = _run(module, cmd, "--no-such-option")
             if (
                 bad.returncode != 2
                 or "Traceback" in bad.stderr
@@ -61,10 +111,8 @@ def check(module: str) -> list[str]:
                     f"`{cmd} --no-such-option`: exit {bad.returncode} (want 2, one line, no "
                     f"traceback): {bad.stderr.strip()[-300:]}"
                 )
-            tpu = _run(module, cmd, "--device", "tpu")
             if tpu.returncode != 2 or "Traceback" in tpu.stderr:
                 problems.append(f"`{cmd} --device tpu`: exit {tpu.returncode} (want 2)")
-            dry = _run(module, cmd, "--quick", "--device", "cpu", "--dry-run", "--out", tmp)
             try:
                 device = json.loads(dry.stdout)["device"] if dry.returncode == 0 else None
             except (ValueError, KeyError, TypeError):
