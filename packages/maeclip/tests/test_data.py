@@ -222,3 +222,33 @@ def test_webdataset_corrupt_shards_and_images_are_named(tmp_path):
     assert next(reader)[1] == "ok"
     with pytest.raises(ValueError, match=r"bad\.tar: sample 'b' has an unreadable image"):
         next(reader)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, True])
+def test_embedded_sets_refuse_a_bad_image_size(size):
+    from verger.maeclip import mnist_pairs
+
+    with pytest.raises(ValueError, match=rf"image_size={size!r} must be an int >= 1"):
+        mnist_pairs(image_size=size)
+    with pytest.raises(ValueError, match="image_size"):
+        emoji_pairs(image_size=size, names={"A": "a"}, font=_font())
+
+
+def test_image_text_set_refuses_integer_pixels():
+    with pytest.raises(TypeError, match=r"images\.dtype=torch\.uint8"):
+        ImageTextSet(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8), captions=["a", "b"])
+
+
+def test_csv_loader_names_undecodable_files_and_bad_images(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("filepath,title\nx.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv is not UTF-8 text"):
+        CsvImageText(tmp_path / "latin1.csv", image_size=16)
+    _write_pngs(tmp_path, 2)
+    (tmp_path / "img1.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg0.png,a\nimg1.png,b\nimg9.png,c\n")
+    data = CsvImageText(tmp_path / "pairs.csv", image_size=16)
+    with pytest.raises(ValueError, match=r"2 of 3 images cannot be read: row 1 .*img1\.png"):
+        data.check_images(show_progress=False)
+    assert data[0][1] == "a"
+    with pytest.raises(ValueError, match=r"row 2 image .*img9\.png.* cannot be read"):
+        data[2]  # without the up-front check, the loader still names the row and file

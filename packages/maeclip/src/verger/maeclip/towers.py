@@ -19,6 +19,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import VisionTransformer
 
+from verger.core.validation import describe, integer
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = ("maeclip-tiny", "maeclip-micro")
 
@@ -62,6 +64,12 @@ def check_model_name(model_name: str) -> dict:
     return config
 
 
+def image_size(model_name: str) -> int:
+    """The side of the square images ``model_name``'s image tower takes (32 for maeclip-tiny)."""
+    size = model_config(model_name)["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
 def create_clip(model_name: str, *, device: str | torch.device = "cpu") -> open_clip.CLIP:
     """A randomly initialised open_clip ``CLIP`` with a ViT image tower (never downloads)."""
     check_model_name(model_name)
@@ -85,9 +93,8 @@ class CaptionTokenizer:
     """open_clip's ``SimpleTokenizer`` at the model's context length, refusing empty captions."""
 
     def __init__(self, context_length: int = 77) -> None:
-        if not isinstance(context_length, int) or context_length < 3:
-            raise ValueError(f"context_length={context_length!r} must be an int >= 3")
-        self.context_length = context_length
+        # start, end and at least one word
+        self.context_length = integer("context_length", context_length, at_least=3)
         self._tok = SimpleTokenizer(context_length=context_length)
         self.vocab_size = len(self._tok.encoder)
 
@@ -100,6 +107,12 @@ class CaptionTokenizer:
         """Captions -> LongTensor [B, context_length] (truncated with EOT kept)."""
         if isinstance(captions, str):
             captions = [captions]
+        if not isinstance(captions, Sequence):
+            raise TypeError(
+                f"captions must be a string or a list of strings, got {describe(captions)}"
+            )
+        if not captions:
+            raise ValueError("captions is empty: pass at least one caption")
         for i, caption in enumerate(captions):
             if not isinstance(caption, str):
                 raise TypeError(f"captions[{i}] is {type(caption).__name__}, expected str")

@@ -1,12 +1,13 @@
-"""Training: one loop for CLIP, MAE and MAE+CLIP, single process or torchrun (gloo / NCCL).
+"""Training: CLIP, MAE and MAE+CLIP on verger-core's ``TrainLoop``, single process or torchrun.
 
 Launch several processes with ``torchrun --nproc_per_node N -m verger.maeclip train ...``: each
 rank reads a disjoint slice of every global batch, ``ClipLoss`` gathers the features of all
-ranks (so the contrastive batch is the global batch) and DDP averages the gradients.
-Checkpoints (``verger.core.train.Checkpointer``) hold the model, optimizer, scheduler and the
-RNG state of every rank (each rank draws its own MAE masks); the data position is the step
-itself for in-memory and map-style data and a saved (epoch, batch) per rank for streamed data,
-so resuming reproduces the uninterrupted run.
+ranks (so the contrastive batch is the global batch) and DDP averages the gradients (the
+loop's ``forward_model``). Checkpoints (``verger.core.train.Checkpointer``) hold the model,
+optimizer, scheduler and, per rank (``per_rank_state=True``), the RNG state (each rank draws
+its own MAE masks) and the data position of :class:`TrainBatches`: the step for in-memory and
+map-style data, an (epoch, batch) pair for streamed data. Resuming reproduces the
+uninterrupted run bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -26,28 +27,35 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from verger.core import resolve_device, seed_everything
 from verger.core.train import (
     Checkpointer,
+    LoopConfig,
     MetricsLogger,
+    StepStats,
+    TrainLoop,
     cosine_schedule,
     lambda_lr,
-    progress_bar,
-    rng_state,
-    set_rng_state,
 )
-from verger.core.validation import finite_number
+from verger.core.validation import finite_number, integer, non_negative_int, positive_int
 from verger.maeclip.data import ImageTextCollate, ImageTextSet
 from verger.maeclip.model import MAECLIP, MAECLIPConfig, build_model
 from verger.maeclip.towers import CaptionTokenizer
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """How to train. ``batch_size`` is the global batch (split evenly across ranks)."""
+    """How to train. ``batch_size`` is the global batch (split evenly across ranks).
+
+    ``warmup_steps=None`` warms up over a fifth of the steps, at most 20. ``log_every=0``
+    writes no ``metrics.jsonl``; ``checkpoint_every=0`` saves only at the end (both need
+    ``out_dir``).
+    """
 
     steps: int = 300
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 20
+    warmup_steps: int | None = None
     grad_clip: float | None = 1.0
     seed: int = 0
     device: str = "auto"
@@ -59,14 +67,14 @@ class TrainConfig:
     desc: str = "train"
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 2), ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}={value!r} must be an int >= {low}")
+        positive_int("steps", self.steps)
+        integer("batch_size", self.batch_size, at_least=2)  # a contrastive batch needs pairs
+        if self.warmup_steps is None:
+            self.warmup_steps = min(20, self.steps // 5)
+        non_negative_int("warmup_steps", self.warmup_steps)
         for name in ("checkpoint_every", "log_every", "num_workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an int >= 0")
+            non_negative_int(name, getattr(self, name))
+        integer("seed", self.seed)
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}")
         finite_number("lr", self.lr, above=0)
@@ -79,7 +87,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """The trained model (unwrapped), per-step history and the measured throughput."""
+    """The trained model (unwrapped), per-step history and the measured throughput.
+
+    ``history`` holds this call's steps (``{"step", "loss", "clip_loss"?, "mae_loss"?, "lr",
+    "grad_norm"}``); ``images_per_s`` counts every step of the run, resumed ones included.
+    """
 
     model: MAECLIP
     history: list[dict[str, float]] = field(default_factory=list)
@@ -106,8 +118,7 @@ class StepBatchSampler(Sampler[list[int]]):
     ) -> None:
         if batch_size % world:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {world} ranks")
-        if n < batch_size:
-            raise ValueError(f"the dataset has {n} pairs, fewer than batch_size={batch_size}")
+        check_batch_fits(n, batch_size)
         self.n, self.batch, self.steps, self.seed = n, batch_size, steps, seed
         self.rank, self.world, self.start = rank, world, start
         self.per_epoch = n // batch_size
@@ -129,17 +140,13 @@ class StepBatchSampler(Sampler[list[int]]):
             yield perm[b : b + local].tolist()
 
 
-def _step_sampler(n: int, cfg: TrainConfig, rank: int, world: int, start: int) -> StepBatchSampler:
-    """This rank's share of each step's global batch, resumable at step ``start``."""
-    return StepBatchSampler(
-        n,
-        batch_size=cfg.batch_size,
-        steps=cfg.steps,
-        seed=cfg.seed,
-        rank=rank,
-        world=world,
-        start=start,
-    )
+def check_batch_fits(pairs: int, batch_size: int) -> None:
+    """Refuse a global batch larger than the dataset (an epoch must hold one batch)."""
+    if pairs < batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the dataset ({pairs} pairs): use a "
+            f"batch_size <= {pairs}"
+        )
 
 
 @dataclass
@@ -150,70 +157,104 @@ class StreamPosition:
     batch: int = 0
 
 
-def _stream_batches(
-    dataset: IterableDataset,
-    collate: ImageTextCollate,
-    cfg: TrainConfig,
-    world: int,
-    position: StreamPosition,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cycle epochs of a streamed dataset from ``position``, which is updated in place.
+class TrainBatches:
+    """This rank's ``(images, token ids)`` batches, one per step, resumable.
 
-    A resume replays ``position.epoch`` (``set_epoch`` fixes its order) and drops the batches
-    already trained on: exact whenever the stream's order depends only on the epoch.
+    In-memory and map-style data are indexed by the step (:class:`StepBatchSampler`); streamed
+    data (an ``IterableDataset``) cycles epochs from a :class:`StreamPosition`. ``state_dict``
+    is the position after the batches handed out so far, which ``TrainLoop`` saves with each
+    checkpoint and gives back through ``load_state_dict`` before iterating.
     """
-    skip = position.batch
-    while True:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(position.epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size // world,
-            collate_fn=collate,
-            num_workers=cfg.num_workers,
-            drop_last=True,
-            # its own generator: each new loader would otherwise draw its worker seed from the
-            # global RNG and shift the MAE masks of every later step (a resume starts a loader
-            # where the uninterrupted run did not)
-            generator=torch.Generator().manual_seed(cfg.seed + position.epoch),
-        )
-        count = 0
-        for batch in loader:
-            count += 1
-            if skip > 0:  # already trained on before the checkpoint
-                skip -= 1
-                continue
-            position.batch = count
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        tokenizer: CaptionTokenizer,
+        cfg: TrainConfig,
+        *,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.dataset, self.tokenizer, self.cfg = dataset, tokenizer, cfg
+        self.rank, self.world = rank, world
+        self.step = 0
+        self.position = StreamPosition()
+        self.restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "stream": asdict(self.position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.position = StreamPosition(**state["stream"])
+        self.restored = True
+
+    def __iter__(self) -> Iterator[Batch]:
+        if isinstance(self.dataset, IterableDataset):  # streamed shards: cycle epochs
+            yield from self._stream()
+            return
+        for batch in self._indexed():
+            self.step += 1
             yield batch
-        if count == 0:
-            raise ValueError("the streamed dataset yields fewer pairs than one batch per rank")
-        position.epoch, position.batch = position.epoch + 1, 0
 
-
-def _batches(
-    dataset: Dataset,
-    tokenizer: CaptionTokenizer,
-    cfg: TrainConfig,
-    rank: int,
-    world: int,
-    start: int,
-    position: StreamPosition,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    collate = ImageTextCollate(tokenizer)
-    if isinstance(dataset, ImageTextSet):  # in memory: index directly, no worker overhead
-        for idx in _step_sampler(len(dataset), cfg, rank, world, start):
-            yield dataset.images[idx], tokenizer([dataset.captions[i] for i in idx])
-    elif isinstance(dataset, IterableDataset):  # streamed shards: cycle epochs
-        yield from _stream_batches(dataset, collate, cfg, world, position)
-    else:
-        sampler = _step_sampler(len(dataset), cfg, rank, world, start)  # type: ignore[arg-type]
-        yield from DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collate,
-            num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG: see above
+    def _sampler(self) -> StepBatchSampler:
+        return StepBatchSampler(
+            len(self.dataset),  # type: ignore[arg-type]
+            batch_size=self.cfg.batch_size,
+            steps=self.cfg.steps,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            start=self.step,
         )
+
+    def _indexed(self) -> Iterator[Batch]:
+        data = self.dataset
+        if isinstance(data, ImageTextSet):  # in memory: index directly, no worker overhead
+            for idx in self._sampler():
+                yield data.images[idx], self.tokenizer([data.captions[i] for i in idx])
+            return
+        yield from DataLoader(
+            data,
+            batch_sampler=self._sampler(),
+            collate_fn=ImageTextCollate(self.tokenizer),
+            num_workers=self.cfg.num_workers,
+            # its own generator: a loader would otherwise draw its worker seed from the global
+            # RNG and shift the MAE masks of every later step (a resume starts a loader where
+            # the uninterrupted run did not)
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def _stream(self) -> Iterator[Batch]:
+        """Cycle epochs from ``self.position``, updated as batches are handed out.
+
+        A resume replays ``position.epoch`` (``set_epoch`` fixes its order) and drops the
+        batches already trained on: exact whenever the stream's order depends only on the epoch.
+        """
+        dataset, cfg, position = self.dataset, self.cfg, self.position
+        skip = position.batch
+        while True:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(position.epoch)
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.batch_size // self.world,
+                collate_fn=ImageTextCollate(self.tokenizer),
+                num_workers=cfg.num_workers,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(cfg.seed + position.epoch),
+            )
+            count = 0
+            for batch in loader:
+                count += 1
+                if skip > 0:  # already trained on before the checkpoint
+                    skip -= 1
+                    continue
+                position.batch = count
+                yield batch
+            if count == 0:
+                raise ValueError("the streamed dataset yields fewer pairs than one batch per rank")
+            position.epoch, position.batch = position.epoch + 1, 0
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -264,18 +305,59 @@ def check_checkpoint_dir(out_dir: str | Path | None, *, steps: int, resume: bool
         )
 
 
-def _rank_states(world: int, position: StreamPosition) -> list[dict[str, Any]]:
-    """Every rank's RNG state and stream position, gathered on every rank (all must call).
+def _new_model(model_config: MAECLIPConfig, seed: int, device: torch.device) -> MAECLIP:
+    with torch.random.fork_rng(devices=[]):  # the same init on every rank, masks untouched
+        torch.manual_seed(seed)
+        return build_model(model_config, device=device)
 
-    The core checkpoint keeps the saving rank's RNG only; the other ranks draw different masks
-    (seeded ``seed + rank``), so each needs its own state back for an exact resume.
-    """
-    state = {"rng": rng_state(), "stream": asdict(position)}
-    if world == 1:
-        return [state]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, state)
-    return states
+
+def _device(cfg: TrainConfig, world: int) -> torch.device:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Throughput:
+    """Images per second of busy step time (data loading excluded), over the whole run."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world, self.device = world, device
+        self.images, self.busy_s, self.started, self.batch = 0, 0.0, 0.0, 0
+        self.last: dict[str, float] = {}
+
+    def begin(self, images: torch.Tensor) -> None:
+        self.started = time.perf_counter()
+        self.batch = images.shape[0] * self.world
+
+    def end(self, stats: StepStats) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.busy_s += time.perf_counter() - self.started
+        self.images += self.batch
+        self.last = record(stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "busy_s": self.busy_s, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.images, self.busy_s = int(state["images"]), float(state["busy_s"])
+        self.last = dict(state["last"])
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.busy_s if self.busy_s > 0 else math.nan
+
+
+def record(stats: StepStats) -> dict[str, float]:
+    """One step as a history record: step, loss, the parts, lr, grad_norm."""
+    return {
+        "step": stats.step,
+        "loss": stats.loss,
+        **stats.extras,
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
+    }
 
 
 def train(
@@ -288,113 +370,113 @@ def train(
 ) -> TrainResult:
     """Train ``model_config``'s objective on ``dataset`` for ``cfg.steps`` steps.
 
-    With ``cfg.out_dir`` set, metrics go to ``out_dir/metrics.jsonl`` (+ TensorBoard when
-    installed) and checkpoints to ``out_dir/checkpoints``; ``resume=True`` continues from the
-    latest one. Inside an initialised process group every rank must call this.
+    With ``cfg.out_dir`` set, metrics go to ``out_dir/metrics.jsonl`` (+ TensorBoard under
+    ``out_dir/tb`` when installed) and checkpoints to ``out_dir/checkpoints``; ``resume=True``
+    continues from the latest one (a checkpoint of another model size or decoder raises
+    ``verger.core.train.CheckpointError``, one line naming the differing shapes). Inside an
+    initialised process group every rank must call this. A NaN/inf loss raises
+    ``verger.core.train.NonFiniteLossError``.
     """
     rank, world = _dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
+    if not isinstance(dataset, IterableDataset):  # before any model or file is made
+        check_batch_fits(len(dataset), cfg.batch_size)  # type: ignore[arg-type]
     check_checkpoint_dir(cfg.out_dir, steps=cfg.steps, resume=resume)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _device(cfg, world)
     seed_everything(cfg.seed + rank)  # each rank draws its own MAE masks
     if model is None:
-        with torch.random.fork_rng(devices=[]):  # the same init on every rank, masks untouched
-            torch.manual_seed(cfg.seed)
-            model = build_model(model_config, device=device)
+        model = _new_model(model_config, cfg.seed, device)
     model.to(device)
-    tokenizer = CaptionTokenizer(model.clip.context_length)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
     )
-    scheduler = lambda_lr(optimizer, cosine_schedule(cfg.steps, warmup_steps=cfg.warmup_steps))
+    scheduler = lambda_lr(optimizer, cosine_schedule(cfg.steps, warmup_steps=cfg.warmup_steps or 0))
     out = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    # every rank holds the checkpointer (only rank 0 writes): each reads its own state back
     checkpointer = Checkpointer(out / "checkpoints") if out is not None else None
-    start, resumed = 0, None
-    position = StreamPosition()
-    if checkpointer is not None and resume and checkpointer.latest_step() is not None:
-        # map_location="cpu": the RNG states inside must stay CPU tensors (set_rng_state refuses
-        # CUDA ones); load_state_dict moves weights and optimizer state to the model's device
-        ckpt = checkpointer.load(
-            model=model, optimizer=optimizer, scheduler=scheduler, map_location="cpu"
-        )
-        start = resumed = ckpt.step
-        ranks = ckpt.extra.get("ranks")
-        if isinstance(ranks, list) and len(ranks) == world:
-            set_rng_state(ranks[rank]["rng"])
-            position = StreamPosition(**ranks[rank]["stream"])
-        else:  # saved by another world size (or an older version): replay the stream from 0
-            position = StreamPosition(0, start)
-    elif world > 1:
-        for tensor in model.state_dict().values():  # identical start on every rank
-            dist.broadcast(tensor, src=0)
-    wrapped: torch.nn.Module = model
+    forward_model: torch.nn.Module = model
     if world > 1:
-        wrapped = DistributedDataParallel(
+        forward_model = DistributedDataParallel(
             model, find_unused_parameters=model_config.method != "maeclip"
         )
-    logger = MetricsLogger(out) if out is not None and rank == 0 else None
-    if logger is not None and resumed is not None:
-        logger.rewind(start)  # the steps after the checkpoint run again: log them once
-    result = TrainResult(model=model, resumed_from=resumed)
-    bar = progress_bar(total=cfg.steps, desc=cfg.desc, enabled=cfg.progress if rank == 0 else False)
-    bar.update(start)
-    images_seen, busy = 0, 0.0
+    batches = TrainBatches(
+        dataset, CaptionTokenizer(model.context_length), cfg, rank=rank, world=world
+    )
+    speed = _Throughput(world, device)
+
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, texts = batch
+        speed.begin(images)
+        output = m(images.to(device, non_blocking=True), texts.to(device, non_blocking=True))
+        parts = {"clip_loss": output.clip_loss, "mae_loss": output.mae_loss}
+        return output.loss, {k: float(v.detach()) for k, v in parts.items() if v is not None}
+
+    def after_step(loop: TrainLoop, stats: StepStats) -> None:
+        model.clamp_logit_scale()
+        speed.end(stats)
+
+    logger = MetricsLogger(out) if out is not None and rank == 0 and cfg.log_every else None
+    loop = TrainLoop(
+        model,
+        optimizer,
+        config=LoopConfig(
+            max_steps=cfg.steps,
+            grad_clip=cfg.grad_clip,
+            log_every=max(cfg.log_every, 1),
+            checkpoint_every=cfg.checkpoint_every,
+        ),
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        checkpointer=checkpointer,
+        logger=logger,
+        show_progress=cfg.progress if rank == 0 else False,
+        desc=cfg.desc,
+        forward_model=forward_model,
+        after_step=after_step,
+        extra_state=speed.state_dict,
+        load_extra_state=speed.load_state_dict,
+        per_rank_state=True,
+    )
+    resumed_from = None
     try:
-        model.train()
-        batches = _batches(dataset, tokenizer, cfg, rank, world, start, position)
-        for step in range(start, cfg.steps):
-            images, texts = next(batches)
-            t0 = time.perf_counter()
-            images, texts = (
-                images.to(device, non_blocking=True),
-                texts.to(device, non_blocking=True),
-            )
-            output = wrapped(images, texts)
-            if not torch.isfinite(output.loss):
-                raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            busy += time.perf_counter() - t0
-            images_seen += images.shape[0] * world
-            record = {"loss": float(output.loss.detach())}
-            for name in ("clip_loss", "mae_loss"):
-                value = getattr(output, name)
-                if value is not None:
-                    record[name] = float(value.detach())
-            record["lr"] = float(scheduler.get_last_lr()[0])
-            result.history.append({"step": step + 1, **record})
-            if logger is not None and cfg.log_every and (step + 1) % cfg.log_every == 0:
-                logger.log(step + 1, **record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            last = step + 1 == cfg.steps
-            if checkpointer is not None and (
-                (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or last
-            ):
-                ranks = _rank_states(world, position)
-                if rank == 0:
-                    checkpointer.save(
-                        step + 1,
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        extra={"ranks": ranks},
-                    )
-                if world > 1:
-                    dist.barrier()
+        if resume and loop.resume(batches):
+            resumed_from = loop.step
+            if not batches.restored:
+                raise ValueError(
+                    f"{checkpointer.directory if checkpointer else out} step {loop.step} holds no "
+                    "data position (written by verger-maeclip 0.1): resume it with that version, "
+                    "or start over in another folder"
+                )
+        history = loop.run(batches, resume=False)
     finally:
-        bar.close()
         if logger is not None:
             logger.close()
-    result.images_per_s = images_seen / busy if busy > 0 else math.nan
-    return result
+    return TrainResult(
+        model=model,
+        history=[record(s) for s in history],
+        images_per_s=speed.images_per_s,
+        resumed_from=resumed_from,
+    )
+
+
+def load_finished(model_config: MAECLIPConfig, cfg: TrainConfig) -> TrainResult | None:
+    """The result of a run whose checkpoint in ``cfg.out_dir`` already reaches ``cfg.steps``
+    (killed after its last step, e.g. while evaluating), else None: the model of that
+    checkpoint, its last step as ``history`` and its throughput."""
+    if cfg.out_dir is None:
+        return None
+    checkpointer = Checkpointer(Path(cfg.out_dir) / "checkpoints")
+    if checkpointer.latest_step() != cfg.steps:
+        return None
+    model = _new_model(model_config, cfg.seed, _device(cfg, _dist_info()[1]))
+    ckpt = checkpointer.load(model=model, restore_rng=False)
+    speed = _Throughput(1, torch.device("cpu"))
+    if "user" in ckpt.extra:
+        speed.load_state_dict(ckpt.extra["user"])
+    return TrainResult(
+        model=model,
+        history=[speed.last] if speed.last else [],
+        images_per_s=speed.images_per_s,
+        resumed_from=ckpt.step,
+    )
