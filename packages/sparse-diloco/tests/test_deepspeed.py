@@ -206,7 +206,8 @@ def _torch_vs_deepspeed_islands(spec: TrainSpec) -> dict:
     return {"plain": plain, "zero": zero, "seen": seen, "payloads": payloads}
 
 
-@pytest.mark.timeout(400)  # 4 DeepSpeed processes: ~20 s on 2 shared cores
+@pytest.mark.slow  # 4 DeepSpeed processes; the 2-rank island test covers ZeRO by default
+@pytest.mark.timeout(400)
 def test_zero_islands_on_subgroups_equal_torch_islands():
     pytest.importorskip("deepspeed")
     spec = TOY_SPEC

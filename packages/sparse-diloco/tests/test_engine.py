@@ -266,3 +266,91 @@ def test_island_share_needs_equal_rows_per_rank():
 def test_config_rejects_non_finite_and_mistyped_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         DiLoCoConfig(**{field: value})
+
+
+def test_train_refuses_a_negative_round_count():
+    """`engine.train(rounds=-1)` used to return [] as if it had trained."""
+    engine = run_engine(SubsetPlan.full(toy_model(), 4), DiLoCoConfig(**CFG), rounds=0)
+    for rounds in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"rounds=.* must be an int >= 0"):
+            engine.train(rounds)
+
+
+def test_a_nan_loss_stops_the_worker_with_core_error_before_its_step():
+    """The inner step is verger-core's TrainLoop step: one NonFiniteLossError for every package."""
+    from verger.core.train import NonFiniteLossError as CoreError
+    from verger.sparse_diloco import NonFiniteLossError
+
+    assert NonFiniteLossError is CoreError
+
+    class NaNAt2(ToyData):
+        def batch(self, worker, step):
+            x, y = super().batch(worker, step)
+            return (x * float("nan"), y) if step == 2 else (x, y)
+
+    engine = DiLoCo(
+        toy_model(),
+        SubsetPlan.full(toy_model(), 4),
+        DiLoCoConfig(**CFG),
+        loss_fn=toy_loss,
+        data=NaNAt2(),
+    )
+    worker = engine.workers[1]
+    engine.inner_step(worker)
+    engine.inner_step(worker)
+    before = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+    with pytest.raises(CoreError, match="worker 1, inner step 2: loss is nan"):
+        engine.inner_step(worker)
+    for n, p in worker.model.named_parameters():
+        assert torch.equal(p, before[n]), n  # the optimizer did not step
+
+
+def engine_with(**overrides):
+    args = (
+        dict(
+            model=toy_model(),
+            plan=SubsetPlan.full(toy_model(), 4),
+            config=DiLoCoConfig(**CFG),
+            loss_fn=toy_loss,
+            data=ToyData(),
+        )
+        | overrides
+    )
+    model, plan, config = args.pop("model"), args.pop("plan"), args.pop("config")
+    return DiLoCo(model, plan, config, **args)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(model="not a model"), "model must be a Module, got str"),
+        (dict(plan=[0, 1]), "plan must be a SubsetPlan, got list"),
+        (dict(config=dict(CFG)), "config must be a DiLoCoConfig, got dict"),
+        (dict(loss_fn=None), "loss_fn must be callable"),
+        (dict(data=[(1, 2)]), r"data must have a batch\(worker, step\) method, got list"),
+        (dict(transport=object()), "transport must be a Transport"),
+    ],
+)
+def test_engine_arguments_of_the_wrong_type_are_named(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        engine_with(**overrides)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,error,match",
+    [
+        # core's TransformerLM returns an LMOutput: the README's first quickstart did this
+        (lambda m, b: {"loss": toy_loss(m, b)}, TypeError, "scalar loss tensor, got dict"),
+        (lambda m, b: (m(b[0]) - b[1]) ** 2, ValueError, r"shape \(16, 4\)"),
+        (lambda m, b: torch.tensor(1), ValueError, "torch.int64"),
+    ],
+)
+def test_a_loss_fn_that_returns_no_scalar_loss_is_named_before_any_step(loss_fn, error, match):
+    engine = engine_with(loss_fn=loss_fn)
+    worker = engine.workers[0]
+    before = {n: p.detach().clone() for n, p in worker.model.named_parameters()}
+    with pytest.raises(error, match=match):
+        engine.inner_step(worker)
+    assert worker.step == 0
+    for n, p in worker.model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -2,7 +2,8 @@
 
 Each of W workers takes H local AdamW steps on a fixed subset of the parameters (e.g. a
 quarter of every MLP's hidden units) with a full forward pass; an outer Nesterov step then
-averages each coordinate's pseudo-gradient over the workers that trained it.
+averages each coordinate's pseudo-gradient over the workers that trained it. On torchft
+(extra ``[torchft]``), workers are replica groups that may die and rejoin mid-run.
 """
 
 from verger.core import package_version
@@ -13,6 +14,11 @@ from verger.sparse_diloco.engine import BatchSource, DiLoCo, NonFiniteLossError,
 from verger.sparse_diloco.partial import PartialLinear, build_worker_model, trainable_parameters
 from verger.sparse_diloco.reference import reference_diloco
 from verger.sparse_diloco.subset import Selection, SubsetPlan
+from verger.sparse_diloco.torchft_engine import (
+    QuorumTimeoutError,
+    TorchFTDiLoCo,
+    TorchFTOptions,
+)
 from verger.sparse_diloco.transport import (
     LocalTransport,
     ProcessGroupTransport,
@@ -32,8 +38,11 @@ __all__ = [
     "NonFiniteLossError",
     "PartialLinear",
     "ProcessGroupTransport",
+    "QuorumTimeoutError",
     "Selection",
     "SubsetPlan",
+    "TorchFTDiLoCo",
+    "TorchFTOptions",
     "Transport",
     "Worker",
     "WorkerLostError",

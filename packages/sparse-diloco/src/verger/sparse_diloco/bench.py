@@ -8,18 +8,22 @@ partial updates and their streaming variants (validation loss vs tokens and vs b
 from __future__ import annotations
 
 import copy
+import os
+import platform
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from verger.core.bench import Report, compare, count_flops, measure_peak_memory
+from verger.core.runs import Run
+from verger.sparse_diloco.bench_torchft import WORKERS, torchft_available, torchft_figures
 from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.engine import DiLoCo, Worker
 from verger.sparse_diloco.flops import step_flops
 from verger.sparse_diloco.runner import TrainSpec, get_task, train_run
+from verger.sparse_diloco.settings import BenchSettings
 
 VARIANTS = {  # name -> (plan, num_fragments)
     "diloco": ("full", 1),
@@ -29,31 +33,19 @@ VARIANTS = {  # name -> (plan, num_fragments)
 }
 
 
-def bench_settings(quick: bool, device: str = "cpu") -> dict[str, Any]:
-    """Sizes of the benchmark (``quick``: under 2 minutes on 2 CPU cores)."""
-    # MLP-heavy (4x) and wide enough that weights and optimizer state, not activations,
-    # dominate a worker's memory, as in the paper's billion-parameter regime
-    task_options = dict(
-        size="tiny",
-        model=dict(d_model=192, mlp_hidden=768),
-        seq_len=32,
-        batch_size=2,
-        val_batches=32,
-        device=device,
+def machine_description(device: torch.device) -> str:
+    """What ran a command, for reports: the GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"CPU ({cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} thread(s) "
+        f"per process), torch {torch.__version__}"
     )
-    config = DiLoCoConfig(
-        num_workers=4,
-        inner_steps=10 if quick else 20,
-        inner_lr=2e-3,
-        inner_warmup=10,
-        inner_weight_decay=0.1,
-        grad_clip=1.0,
-    )
-    return dict(task_options=task_options, config=config, rounds=8 if quick else 16)
 
 
 def inner_step_figures(
-    task_options: dict[str, Any], config: DiLoCoConfig, *, repeats: int
+    task_options: dict[str, Any], config: DiLoCoConfig, *, repeats: int, device: torch.device
 ) -> dict[str, Any]:
     """FLOPs, peak memory and wall time of one worker's inner step, DiLoCo vs partial."""
     task = get_task("lm", 0, task_options)
@@ -98,7 +90,7 @@ def inner_step_figures(
             for _ in range(2):
                 eng.inner_step(fresh)
 
-        out[f"{name}_peak_bytes"] = measure_peak_memory(train_a_worker, device=torch.device("cpu"))
+        out[f"{name}_peak_bytes"] = measure_peak_memory(train_a_worker, device=device)
 
     def step_of(e: DiLoCo) -> Callable[[], float]:
         return lambda: e.inner_step(e.workers[0])
@@ -112,25 +104,34 @@ def inner_step_figures(
     return out
 
 
-def run_bench(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the benchmark, write metrics.json / report.md / PNGs; return the metrics."""
-    from verger.core.train import progress
+def run_bench(settings: BenchSettings, run: Run) -> Report | dict[str, Any]:
+    """Measure everything in one run on ``run.device``; return the report (rank 0 alone
+    under torchrun: the other ranks end at once)."""
+    if not run.leader:
+        return {}
+    if run.rebuild_corpus:
+        from verger.sparse_diloco.lm import rebuild_corpus
 
-    settings = bench_settings(quick)
-    config: DiLoCoConfig = settings["config"]
-    report = Report(out_dir, title="verger-sparse-diloco bench: DiLoCo vs partial updates")
-    step = inner_step_figures(settings["task_options"], config, repeats=10 if quick else 30)
+        rebuild_corpus()
+    from verger.core.progress import progress
+
+    config = settings.diloco_config()
+    task_options = settings.task_options(run.device)
+    report = run.report("verger-sparse-diloco bench: DiLoCo vs partial updates")
+    step = inner_step_figures(
+        task_options, config, repeats=settings.step_repeats, device=run.device
+    )
     histories: dict[str, list[dict[str, float]]] = {}
     results: dict[str, dict[str, Any]] = {}
     for name in progress(list(VARIANTS), desc="trainings"):
         plan, fragments = VARIANTS[name]
         spec = TrainSpec(
             task="lm",
-            task_options=settings["task_options"],
+            task_options=task_options,
             plan=plan,
             config=replace(config, num_fragments=fragments),
-            rounds=settings["rounds"],
-            seed=seed,
+            rounds=settings.rounds,
+            seed=run.seed,
         )
         results[name] = train_run(spec)
         histories[name] = results[name]["history"]
@@ -158,21 +159,39 @@ def run_bench(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dic
         "step_ms_partial": t["partial"].median_s * 1e3,
         "trained_fraction_partial": step["plans"]["partial"]["trained_fraction_mean"],
         "tokens": histories["diloco"][-1]["tokens"],
-        "outer_steps": settings["rounds"],
-        "quick": quick,
+        "outer_steps": settings.rounds,
+        "quick": run.quick,
+        "device": str(run.device),
     }
+    ft_note = "torchft figures: not measured (pip install verger-sparse-diloco[torchft])."
+    if not settings.torchft:
+        ft_note = "torchft figures: not measured (--no-torchft)."
+    elif torchft_available():
+        ft_rounds = settings.torchft_rounds
+        ft = torchft_figures(task_options, config, rounds=ft_rounds, seed=run.seed)
+        metrics.update(ft)
+        ft_note = (
+            f"torchft ({WORKERS} workers, 1/{WORKERS} MLP, same LM and H): median round "
+            f"{ft['round_ms_torchft']:.0f} ms on torchft vs {ft['round_ms_process_group']:.0f} "
+            f"ms on a gloo process group; worker 2 SIGKILLed half-way through round "
+            f"{ft_rounds // 2} of {ft_rounds} and restarted: rejoined in "
+            f"{ft['rejoin_seconds']:.1f} s, {ft['fault_run_syncs']} syncs instead of "
+            f"{ft['clean_run_syncs']}, every data block applied once: "
+            f"{ft['fault_run_blocks_applied_once']}."
+        )
     for key, value in metrics.items():
         report.metric(key, value)
+    report.text(ft_note)
     report.text(
-        f"Tiny byte-level LM ({settings['task_options']}), {config.num_workers} workers, "
-        f"H={config.inner_steps}, {settings['rounds']} outer steps, same tokens for every "
+        f"Byte-level LM ({task_options}), {config.num_workers} workers, "
+        f"H={config.inner_steps}, {settings.rounds} outer steps, same tokens for every "
         "variant. Partial = each worker trains 1/4 of every MLP's hidden units; attention, "
         "embeddings and norms are shared-trainable; its per-method defaults: inner lr / "
         "sqrt(trained fraction) and outer step scaled by sqrt(m[i] / W) per coordinate "
         "(DiLoCo is unaffected by both rules: f = 1, m = W). Peak memory: tensor storage a worker "
         "allocates for its model copy, gradients, AdamW state and activations (the anchor and "
-        "outer momentum are host state between syncs, as in DiLoCo). Machine: 2 shared CPU "
-        "cores (timings are noisy)."
+        "outer momentum are host state between syncs, as in DiLoCo). Ran on "
+        f"{machine_description(run.device)}."
     )
     report.timings("Inner step wall time", t, baseline="diloco")
     report.table(
@@ -180,8 +199,7 @@ def run_bench(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dic
         [{"variant": k, "val loss": final[k], "MB sent": bytes_sent[k] / 1e6} for k in VARIANTS],
     )
     report.plot("val_loss", plot_curves(histories))
-    report.write()
-    return metrics
+    return report
 
 
 def plot_curves(histories: dict[str, list[dict[str, float]]]) -> Any:

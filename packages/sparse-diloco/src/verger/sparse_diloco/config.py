@@ -102,11 +102,18 @@ class DiLoCoConfig:
                 f"outer_lr_scaling={self.outer_lr_scaling!r} must be one of {OUTER_SCALINGS}"
             )
 
-    def outer_scale(self, counts: torch.Tensor) -> torch.Tensor | float:
-        """Per-coordinate factor on the averaged pseudo-gradient (m[i] = ``counts``)."""
+    def outer_scale(
+        self, counts: torch.Tensor, contributors: int | None = None
+    ) -> torch.Tensor | float:
+        """Per-coordinate factor on the averaged pseudo-gradient (m[i] = ``counts``).
+
+        ``contributors``: how many workers' pseudo-gradients the outer step averages (a
+        fault-tolerant round may have fewer than ``num_workers``); the rule then reads
+        sqrt(m[i] / contributors), so a plain DiLoCo round (m[i] = contributors) is unscaled.
+        """
         if self.outer_lr_scaling == "none":
             return 1.0
-        return (counts / self.num_workers).sqrt()
+        return (counts / (self.num_workers if contributors is None else contributors)).sqrt()
 
     def worker_inner_lr(self, trained_fraction: float) -> float:
         """The peak inner learning rate of a worker training ``trained_fraction`` of the model."""

@@ -101,7 +101,7 @@ class DeepSpeedDiLoCo(DiLoCo):
     def inner_step(self, worker: Worker) -> float:
         """One ZeRO AdamW step on the island's share of the batch; returns the island loss."""
         engine = self.engines[worker.index]
-        batch = self.data.batch(worker.index, worker.step)
+        batch = self.data.batch(worker.data_shard, worker.step)
         batch = island_share(batch, self.island_rank, self.island_size)
         loss = self.loss_fn(engine, batch)  # the engine's forward is the module's
         value = _island_mean(float(loss.detach()), self.island_group, self.island_size)

@@ -1,30 +1,41 @@
-"""``demo``: 4 real gloo worker processes on the embedded corpus, DiLoCo vs partial updates."""
+"""``demo``: W gloo worker processes on the embedded corpus, DiLoCo vs partial updates."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from verger.core.bench import Report
 from verger.core.distributed import run_multiprocess
-from verger.sparse_diloco.bench import bench_settings, plot_curves
+from verger.core.runs import Run
+from verger.sparse_diloco.bench import machine_description, plot_curves
 from verger.sparse_diloco.runner import TrainSpec, distributed_runs
+from verger.sparse_diloco.settings import DemoSettings
 
 
-def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Train both methods with one process per worker; write the report; return the metrics."""
-    settings = bench_settings(quick)
-    config = settings["config"]
+def run_demo(settings: DemoSettings, run: Run) -> Report | dict[str, Any]:
+    """Train both methods with one process per worker on ``run.device``; report them.
+
+    The worker processes belong to this command: SIGTERM or Ctrl-C tears them down, and
+    they end themselves if this process is killed (verger-core's ``run_multiprocess``).
+    Under torchrun only rank 0 runs it (it starts its own workers); the others end at once.
+    """
+    if not run.leader:
+        return {}
+    if run.rebuild_corpus:
+        from verger.sparse_diloco.lm import rebuild_corpus
+
+        rebuild_corpus()
+    config = settings.diloco_config()
+    options = settings.task_options(run.device)
     specs = {
         name: TrainSpec(
             task="lm",
-            task_options=settings["task_options"],
+            task_options=options,
             plan=plan,
-            config=replace(config),
-            rounds=settings["rounds"],
-            seed=seed,
+            config=config,
+            rounds=settings.rounds,
+            seed=run.seed,
         )
         for name, plan in (("diloco", "full"), ("partial", "mlp"))
     }
@@ -50,24 +61,25 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0) -> dict
         "trained_fraction_partial": results["partial"]["plan"]["trained_fraction_mean"],
         "global_state_identical_on_all_workers": bool(consistent),
         "workers": config.num_workers,
-        "outer_steps": settings["rounds"],
+        "outer_steps": settings.rounds,
         "tokens": histories["diloco"][-1]["tokens"],
         "wall_s": wall,
+        "device": str(run.device),
     }
-    report = Report(out_dir, title="verger-sparse-diloco demo: 4 gloo workers")
+    report = run.report(f"verger-sparse-diloco demo: {config.num_workers} gloo workers")
     for key, value in metrics.items():
         report.metric(key, value)
     report.text(
-        "Four worker processes (torch.distributed, gloo) train a tiny byte-level LM on the "
-        "embedded corpus (CPython code and docs). DiLoCo: every worker trains every parameter. "
-        "Partial updates: worker k trains only hidden units [k/4, (k+1)/4) of every MLP (plus "
-        "shared attention, embeddings, norms) and sends only those pseudo-gradients; the outer "
-        "step averages each coordinate over the workers that trained it."
+        f"{config.num_workers} worker processes (torch.distributed, gloo) train a byte-level LM "
+        "on the embedded corpus (CPython code and docs). DiLoCo: every worker trains every "
+        f"parameter. Partial updates: worker k trains only hidden units [k/{config.num_workers},"
+        f" (k+1)/{config.num_workers}) of every MLP (plus shared attention, embeddings, norms) "
+        "and sends only those pseudo-gradients; the outer step averages each coordinate over "
+        f"the workers that trained it. Ran on {machine_description(run.device)}."
     )
     report.table(
         "Results",
         [{"method": k, "final val loss": final[k], "MB sent": sent[k] / 1e6} for k in specs],
     )
     report.plot("val_loss", plot_curves(histories))
-    report.write()
-    return metrics
+    return report

@@ -12,7 +12,7 @@ outer step: g[i] = (1/m[i]) sum_{k trains i} delta_k[i], then SGD(nesterov) on t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from verger.core.train import LoopConfig, NonFiniteLossError, TrainLoop
 from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.partial import build_worker_model, get_tensor, trainable_parameters
 from verger.sparse_diloco.subset import SubsetPlan, iter_selected
@@ -39,13 +40,60 @@ class BatchSource(Protocol):
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-class NonFiniteLossError(RuntimeError):
-    """A worker's inner loss became NaN or inf."""
+def _check_inputs(
+    model: object,
+    plan: object,
+    config: object,
+    loss_fn: object,
+    data: object,
+    transport: object,
+) -> None:
+    """The engine's arguments have the types it needs (a TypeError naming the argument)."""
+    expected = (("model", model, nn.Module), ("plan", plan, SubsetPlan))
+    for name, value, kind in (*expected, ("config", config, DiLoCoConfig)):
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if not callable(getattr(data, "batch", None)):
+        raise TypeError(f"data must have a batch(worker, step) method, got {type(data).__name__}")
+    if transport is not None and not all(
+        callable(getattr(transport, m, None)) for m in ("exchange", "local_workers")
+    ):
+        raise TypeError(
+            f"transport must be a Transport (exchange, local_workers), got {type(transport).__name__}"
+        )
+
+
+def _scalar_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` whose result is checked: a one-element floating-point tensor that can be
+    back-propagated (a model output object or a per-token loss is named, not misread)."""
+
+    def checked(model: nn.Module, batch: Any) -> torch.Tensor:
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"loss_fn must return a scalar loss tensor, got {type(loss).__name__} "
+                "(e.g. return model(x, targets=y).loss for verger.core's TransformerLM)"
+            )
+        if loss.numel() != 1 or not loss.is_floating_point():
+            raise ValueError(
+                f"loss_fn must return a scalar floating-point loss, got a {loss.dtype} tensor "
+                f"of shape {tuple(loss.shape)} (reduce it, e.g. with .mean())"
+            )
+        return loss
+
+    checked.__wrapped__ = loss_fn  # type: ignore[attr-defined]
+    return checked
 
 
 @dataclass
 class Worker:
-    """One worker's local model, inner optimizer and data position."""
+    """One worker's local model, inner optimizer and data position.
+
+    The worker reads batches ``data.batch(shard, step)``; ``shard`` is its own index except
+    when a fault-tolerant run has it train data another worker did not get to.
+    """
 
     index: int
     model: nn.Module
@@ -53,6 +101,12 @@ class Worker:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    shard: int | None = None
+    loop: TrainLoop | None = field(default=None, repr=False)  # the inner step (`inner_loop`)
+
+    @property
+    def data_shard(self) -> int:
+        return self.index if self.shard is None else self.shard
 
 
 class DiLoCo:
@@ -79,6 +133,7 @@ class DiLoCo:
         transport: Transport | None = None,
         island_group: dist.ProcessGroup | None = None,
     ) -> None:
+        _check_inputs(model, plan, config, loss_fn, data, transport)
         if plan.num_workers != config.num_workers:
             raise ValueError(
                 f"plan has {plan.num_workers} workers but config.num_workers={config.num_workers}"
@@ -90,7 +145,7 @@ class DiLoCo:
                 f"{config.num_workers}"
             )
         self.model, self.plan, self.config = model, plan, config
-        self.loss_fn, self.data = loss_fn, data
+        self.loss_fn, self.data = _scalar_loss(loss_fn), data
         self.island_group = island_group
         self.island_size = dist.get_world_size(island_group) if island_group is not None else 1
         self.island_rank = dist.get_rank(island_group) if island_group is not None else 0
@@ -125,7 +180,41 @@ class DiLoCo:
         """A fresh worker ``k`` (local model from the current anchor, new AdamW state)."""
         local = build_worker_model(self.model, self.plan, k)
         opt, sched = self.inner_optimizer(local, k)
-        return Worker(index=k, model=local, optimizer=opt, scheduler=sched)
+        worker = Worker(index=k, model=local, optimizer=opt, scheduler=sched)
+        worker.loop = self.inner_loop(worker)
+        return worker
+
+    def inner_loop(self, worker: Worker) -> TrainLoop:
+        """verger-core's training step for ``worker``: its loss, clipping, NaN check, AdamW.
+
+        In an island the loss goes through ``DistributedDataParallel`` over the island's
+        ranks, which averages the gradients before they are clipped (data parallel).
+        """
+        forward: nn.Module = worker.model
+        if self.island_size > 1:
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the island's ranks hold the same buffers (frozen weights): no per-forward sync
+            quiet: dict[str, Any] = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}  # torch < 2.14
+            )
+            forward = DistributedDataParallel(
+                worker.model, process_group=self.island_group, **quiet
+            )
+        return TrainLoop(
+            worker.model,
+            worker.optimizer,
+            config=LoopConfig(max_steps=self.config.inner_steps, grad_clip=self.config.grad_clip),
+            scheduler=worker.scheduler,
+            loss_fn=self.loss_fn,
+            forward_model=forward,
+            show_progress=False,
+            desc=f"worker {worker.index}",
+        )
 
     def inner_optimizer(
         self, local: nn.Module, k: int
@@ -147,30 +236,20 @@ class DiLoCo:
 
     # ---- inner steps ----------------------------------------------------------------------
     def inner_step(self, worker: Worker) -> float:
-        """One AdamW step on the worker's subset; returns the loss."""
-        batch = self.data.batch(worker.index, worker.step)
+        """One AdamW step on the worker's subset; returns the loss (the island's mean)."""
+        batch = self.data.batch(worker.data_shard, worker.step)
         if self.island_size > 1:
             batch = island_share(batch, self.island_rank, self.island_size)
-        loss = self.loss_fn(worker.model, batch)
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        loop = worker.loop if worker.loop is not None else self.inner_loop(worker)
+        worker.loop = loop
+        try:
+            value = loop.train_step([batch]).loss
+        except NonFiniteLossError as exc:
             raise NonFiniteLossError(
-                f"worker {worker.index}: loss {value} at inner step {worker.step}; lower "
-                "inner_lr or enable grad_clip"
-            )
-        loss.backward()
-        params = worker.optimizer.param_groups[0]["params"]
-        if self.island_size > 1:  # data parallel inside the island: average the gradients
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.island_group)
-                    p.grad.div_(self.island_size)
+                f"worker {worker.index}, inner step {worker.step}: {exc}"
+            ) from exc
+        if self.island_size > 1:
             value = _island_mean(value, self.island_group, self.island_size)
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=False)
-        worker.optimizer.step()
-        worker.scheduler.step()
-        worker.optimizer.zero_grad(set_to_none=True)
         worker.step += 1
         worker.losses.append(value)
         return value
@@ -205,31 +284,64 @@ class DiLoCo:
         payloads = {k: self.pseudo_gradient(w, names) for k, w in self.workers.items()}
         gathered = self.transport.exchange(payloads, sizes)
         self.bytes_sent += sum(sizes)
+        self.apply_outer_step(names, dict(enumerate(gathered)))
+        self.reset_locals(names)
+        self._after_sync()
+        self.syncs += 1
+
+    @torch.no_grad()
+    def apply_outer_step(self, names: list[str], payloads: Mapping[int, torch.Tensor]) -> None:
+        """The outer step on ``names`` from the payloads of the workers that sent one.
+
+        ``payloads`` maps worker index -> its encoded pseudo-gradient. Each coordinate is
+        averaged over the m[i] workers *among these* that trained it (summed in worker order,
+        so every process gets the same bits). A coordinate that none of them trained keeps
+        its value, and its outer momentum is left as it is (neither decayed nor applied):
+        with every worker present this only concerns coordinates no worker trains, whose
+        momentum is zero anyway.
+        """
+        contributors = sorted(payloads)
         # SGD steps every tensor holding a .grad: drop any left on the global model (by the
         # user, before or between rounds) so that only the synced ``names`` move
         self.outer.zero_grad(set_to_none=True)
         sums = {n: torch.zeros_like(self.anchor[n]) for n in names}
-        for k, payload in enumerate(gathered):
+        for k in contributors:
             selected = list(iter_selected(self.plan, k, names))
             numel = sum(sel.numel(self.plan.shapes[n]) for n, sel in selected)
-            values = self.codec.decode(payload.to(self._device()), numel)
+            values = self.codec.decode(payloads[k].to(self._device()), numel)
             offset = 0
             for n, sel in selected:
                 shape = sel.shape(self.plan.shapes[n])
                 count = math.prod(shape)
                 sel.view(sums[n]).add_(values[offset : offset + count].view(shape))
                 offset += count
+        untouched: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for n in names:
-            counts = self.plan.counts(n).to(sums[n].device)
+            counts = self.plan.counts(n, contributors).to(sums[n].device)
             mean = sums[n] / counts.clamp_min(1.0)
-            self.anchor[n].grad = mean * self.config.outer_scale(counts)
+            self.anchor[n].grad = mean * self.config.outer_scale(counts, len(contributors))
+            if bool((counts == 0).any()):
+                buf = self.outer.state.get(self.anchor[n], {}).get("momentum_buffer")
+                untouched[n] = (
+                    counts == 0,
+                    self.anchor[n].detach().clone(),
+                    None if buf is None else buf.clone(),
+                )
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
+        for n, (frozen, before, buf_before) in untouched.items():
+            p = self.anchor[n]
+            p.copy_(torch.where(frozen, before, p))
+            buf = self.outer.state[p]["momentum_buffer"]
+            if buf is not None:  # first step: SGD created the buffer from the (zero) grads
+                buf.copy_(torch.where(frozen, 0.0 if buf_before is None else buf_before, buf))
+
+    @torch.no_grad()
+    def reset_locals(self, names: list[str]) -> None:
+        """Every local worker restarts from the anchor on ``names``."""
         for w in self.workers.values():
             for n in names:
                 get_tensor(w.model, n).copy_(self.anchor[n])
-        self._after_sync()
-        self.syncs += 1
 
     def _before_sync(self) -> None:
         """Hook for inner engines whose local state is not the model's tensors (DeepSpeed)."""
@@ -252,6 +364,8 @@ class DiLoCo:
         self, rounds: int, *, callback: Callable[[int, dict[str, float]], None] | None = None
     ) -> list[dict[str, float]]:
         """Run ``rounds`` rounds (outer steps); ``callback(round_index, figures)`` after each."""
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise ValueError(f"rounds={rounds!r} must be an int >= 0")
         history = []
         for _ in range(rounds):
             figures = self.round()

@@ -57,13 +57,28 @@ class LMData:
         ]
 
 
+DOMAINS = ("code", "docs")
+MAX_BYTES_PER_DOMAIN = 2_000_000
+
+
+def rebuild_corpus() -> None:
+    """Rebuild the cached corpus the ``lm`` task reads (the CLI's ``--rebuild-corpus``: the
+    way out of a corrupt cache, which the loader names)."""
+    build_corpus(
+        domains=list(DOMAINS),
+        max_bytes_per_domain=MAX_BYTES_PER_DOMAIN,
+        rebuild=True,
+        progress=False,
+    )
+
+
 def load_lm_data(
     *,
     seq_len: int,
     batch_size: int,
     seed: int = 0,
-    domains: tuple[str, ...] = ("code", "docs"),
-    max_bytes_per_domain: int = 2_000_000,
+    domains: tuple[str, ...] = DOMAINS,
+    max_bytes_per_domain: int = MAX_BYTES_PER_DOMAIN,
 ) -> LMData:
     """Byte-tokenized embedded corpus (CPython sources and docs by default), packed."""
     corpus = build_corpus(
@@ -105,7 +120,7 @@ def lm_task(seed: int, options: dict[str, Any]) -> Task:
         seq_len=seq_len,
         batch_size=batch_size,
         seed=seed,
-        max_bytes_per_domain=int(options.get("max_bytes_per_domain", 2_000_000)),
+        max_bytes_per_domain=int(options.get("max_bytes_per_domain", MAX_BYTES_PER_DOMAIN)),
     )
     val = data.val_batches(int(options.get("val_batches", 8)))
 

@@ -9,9 +9,11 @@ train ...``) and by ``verger.core.distributed.run_multiprocess`` in tests and th
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,9 @@ from verger.sparse_diloco.config import DiLoCoConfig
 from verger.sparse_diloco.engine import BatchSource, DiLoCo, LossFn
 from verger.sparse_diloco.subset import OTHERS_POLICIES, SubsetPlan
 from verger.sparse_diloco.transport import ProcessGroupTransport, Transport
+
+if TYPE_CHECKING:
+    from verger.sparse_diloco.torchft_engine import TorchFTOptions
 
 PLANS = ("full", "mlp")
 INNER_ENGINES = ("torch", "deepspeed")
@@ -89,6 +94,10 @@ class TrainSpec:
     checkpoint_dir: str | None = None
     eval_every: int = 1
     crash: tuple[int, int] | None = None  # (worker, round): that worker dies there (tests)
+    # torchft engine fault injection (tests, bench): (worker, sync, inner step) SIGKILLs that
+    # worker's process there; (worker, sync, seconds) stalls it before that round's training
+    kill_at: tuple[int, int, int] | None = None
+    stall_at: tuple[int, int, float] | None = None
     inner_engine: str = "torch"  # "deepspeed": each island a ZeRO engine (extra)
     zero_stage: int = 2
 
@@ -170,7 +179,9 @@ def train_run(
             and (spec.crash[0] in engine.workers)
         ):
             os._exit(17)  # a hard crash: no exception, no cleanup, like a lost node
+        start = time.perf_counter()
         figures = engine.round()
+        figures["round_s"] = time.perf_counter() - start
         r = engine.rounds_done
         if r % spec.eval_every == 0 or r == spec.rounds:
             figures["val_loss"] = task.evaluate(engine.model)
@@ -180,13 +191,98 @@ def train_run(
             ckpt.save(engine, write_global=is_main, write_workers=writes_workers)
         if progress:
             progress(r, figures)
+    last = history[-1] if history else {}
     return {
         "history": history,
         "resumed_from": resumed,
+        # the final validation loss (evaluated again when a resume found nothing left to do)
+        "val_loss": last["val_loss"] if "val_loss" in last else task.evaluate(engine.model),
         "params": {n: p.detach().cpu().clone() for n, p in engine.model.named_parameters()},
         "bytes_sent": engine.bytes_sent,
         "plan": plan.summary(),
     }
+
+
+def torchft_main(
+    spec: TrainSpec,
+    options: TorchFTOptions,
+    *,
+    event: Callable[[str, dict[str, Any]], None] | None = None,
+    island_group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Run one replica group (worker ``options.worker``) of ``spec`` on torchft.
+
+    ``spec.rounds`` is the number of data blocks per worker (R): the run ends when all
+    W x R blocks are applied, after R syncs without faults and more with them (see
+    `verger.sparse_diloco.torchft_engine`). ``event(name, data)`` reports progress
+    (``joined``, ``healed``, ``sync``) to a launcher.
+    """
+    from verger.sparse_diloco.torchft_engine import TorchFTDiLoCo
+
+    if spec.inner_engine != "torch":
+        raise ValueError("the torchft engine trains with inner_engine='torch'")
+    notify = event or (lambda name, data: None)
+    notify("started", {})
+    torch.manual_seed(spec.seed)
+    task = get_task(spec.task, spec.seed, spec.task_options)
+    plan = spec.make_plan(task.model)
+    engine = TorchFTDiLoCo(
+        task.model,
+        plan,
+        spec.config,
+        loss_fn=task.loss_fn,
+        data=task.data,
+        options=options,
+        blocks=spec.rounds,
+        island_group=island_group,
+    )
+    engine.before_inner_step = _fault_hook(spec, engine.index)
+    notify("connected", {})
+    history: list[dict[str, float]] = []
+    tokens_per_block = spec.config.inner_steps * task.tokens_per_step
+    try:
+        engine.join()  # a restarted group heals here, before training
+        notify("joined", {"syncs": engine.syncs})
+        if engine.heal_times:
+            notify("healed", {"syncs": engine.syncs, "time": engine.heal_times[-1]})
+        while not engine.finished:
+            healed = len(engine.heal_times)
+            figures = engine.round()
+            if len(engine.heal_times) > healed:
+                notify("healed", {"syncs": engine.syncs, "time": engine.heal_times[-1]})
+            if engine.finished or engine.syncs % spec.eval_every == 0:
+                figures["val_loss"] = task.evaluate(engine.model)
+            figures.update(
+                round=float(engine.syncs), tokens=float(int(engine.done.sum()) * tokens_per_block)
+            )
+            history.append(figures)
+            notify("sync", {"syncs": engine.syncs})
+        engine.linger()
+    finally:
+        engine.shutdown()
+    return {
+        "history": history,
+        "params": {n: p.detach().cpu().clone() for n, p in engine.model.named_parameters()},
+        "bytes_sent": engine.bytes_sent,
+        "plan": plan.summary(),
+        "val_loss": history[-1]["val_loss"] if history else task.evaluate(engine.model),
+        **engine.summary(),
+    }
+
+
+def _fault_hook(spec: TrainSpec, worker: int) -> Callable[[int, int], None] | None:
+    """The test faults of ``spec`` that concern ``worker``, as a before-inner-step hook."""
+    kill, stall = spec.kill_at, spec.stall_at
+    if not ((kill and kill[0] == worker) or (stall and stall[0] == worker)):
+        return None
+
+    def hook(sync: int, step: int) -> None:
+        if stall and stall[0] == worker and (sync, step) == (stall[1], 0):
+            time.sleep(stall[2])
+        if kill and kill[0] == worker and (sync, step) == (kill[1], kill[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-round, no cleanup: a lost node
+
+    return hook
 
 
 def distributed_main(spec: TrainSpec) -> dict[str, Any]:

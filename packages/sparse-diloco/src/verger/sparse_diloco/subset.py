@@ -96,6 +96,7 @@ class SubsetPlan:
                             f"assignments[{k}][{name!r}] = {sel} is outside shape {tuple(shape)}"
                         )
         self._counts = {name: self._count(name) for name in self.shapes}
+        self._subset_counts: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.allow_uncovered = allow_uncovered
         if not allow_uncovered:
             self.check_coverage()
@@ -182,9 +183,23 @@ class SubsetPlan:
         """Worker ``worker``'s selection of ``name``, or None when it keeps it frozen."""
         return self.assignments[worker].get(name)
 
-    def counts(self, name: str) -> torch.Tensor:
-        """m[i] for parameter ``name``, as a float tensor broadcastable to its shape."""
-        return self._counts[name]
+    def counts(self, name: str, workers: Iterable[int] | None = None) -> torch.Tensor:
+        """m[i] for parameter ``name``, as a float tensor broadcastable to its shape.
+
+        ``workers``: count only these workers (e.g. those whose pseudo-gradients reached an
+        outer step of a fault-tolerant run); None counts all of them.
+        """
+        if workers is None:
+            return self._counts[name]
+        chosen = tuple(sorted(set(workers)))
+        if any(not 0 <= k < self.num_workers for k in chosen):
+            raise ValueError(f"workers={list(chosen)} must be in [0, {self.num_workers})")
+        if chosen == tuple(range(self.num_workers)):
+            return self._counts[name]
+        key = (name, chosen)
+        if key not in self._subset_counts:
+            self._subset_counts[key] = self._count(name, chosen)
+        return self._subset_counts[key]
 
     def count_mask(self, name: str) -> torch.Tensor:
         """m[i] expanded to the full shape (int64): the brute-force form, for tests and reports."""
@@ -243,9 +258,10 @@ class SubsetPlan:
             "coverage": self.coverage(),
         }
 
-    def _count(self, name: str) -> torch.Tensor:
+    def _count(self, name: str, workers: Iterable[int] | None = None) -> torch.Tensor:
         shape = self.shapes[name]
-        sels = [a[name] for a in self.assignments if name in a]
+        chosen = range(self.num_workers) if workers is None else workers
+        sels = [self.assignments[k][name] for k in chosen if name in self.assignments[k]]
         dims = {s.dim for s in sels if s.dim is not None}
         if len(dims) > 1:
             raise ValueError(f"{name!r} is sliced along several dims {sorted(dims)}")

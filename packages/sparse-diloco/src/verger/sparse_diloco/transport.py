@@ -53,6 +53,91 @@ class LocalTransport:
         return [payloads[k] for k in range(self.num_workers)]
 
 
+class Collectives(Protocol):
+    """The two collectives a payload exchange needs, over one group of ``size`` ranks.
+
+    ``rank`` and ``src`` are ranks in that group. `C10dCollectives` runs them on a
+    torch.distributed group; the torchft engine runs them on the quorum's process group.
+    """
+
+    rank: int
+    size: int
+
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> None: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+
+class C10dCollectives:
+    """`Collectives` over a torch.distributed group (None: the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        dist.all_gather(outputs, tensor, group=self.group)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        # broadcast's ``src`` is a global rank
+        root = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast(tensor, src=root, group=self.group)
+
+
+def gather_payloads(
+    coll: Collectives, mine: torch.Tensor, sizes: Sequence[int]
+) -> list[torch.Tensor]:
+    """Every rank's byte payload, in rank order; ``sizes[q]`` is rank q's byte count.
+
+    Equal sizes: one all-gather. Unequal sizes (uneven plans): an all-gather would pad every
+    payload to the longest and put more on the wire than the bytes counted, so each rank's
+    payload goes out as one exact-size broadcast, received in rank order. Zero-byte
+    payloads send nothing.
+    """
+    device = mine.device
+    if not any(sizes):
+        return [torch.zeros(0, dtype=torch.uint8, device=device) for _ in sizes]
+    if len(set(sizes)) == 1:  # equal sizes: one all-gather
+        gathered = [torch.empty_like(mine) for _ in range(coll.size)]
+        coll.all_gather(gathered, mine)
+        return gathered
+    out = []
+    for q, n in enumerate(sizes):
+        buf = mine if q == coll.rank else torch.empty(n, dtype=torch.uint8, device=device)
+        if n:
+            coll.broadcast(buf, q)
+        out.append(buf)
+    return out
+
+
+def sharded_gather(
+    cross: Collectives, island: Collectives, mine: torch.Tensor, sizes: Sequence[int]
+) -> list[torch.Tensor]:
+    """`gather_payloads` for islands: shares across islands (each byte once), then inside.
+
+    ``cross`` links replica r of every island (rank = island index), ``island`` the R ranks
+    of this island, which all hold the same ``mine``. Replica r sends only its contiguous
+    share r of the payload across islands; then each island all-gathers its R ranks' shares
+    over its own links, padded to the longest rank's total (shares differ by a byte per
+    worker at most: the padding only crosses the fast intra-island links, and one collective
+    beats R exact broadcasts), and rebuilds every island's payload in island order.
+    """
+    replicas, r = island.size, island.rank
+    bounds = [share_bounds(n, replicas) for n in sizes]
+    lo, hi = bounds[cross.rank][r], bounds[cross.rank][r + 1]
+    shares = gather_payloads(cross, mine[lo:hi], [b[r + 1] - b[r] for b in bounds])
+    lengths = [sum(b[q + 1] - b[q] for b in bounds) for q in range(replicas)]
+    packed = torch.zeros(max(lengths), dtype=torch.uint8, device=mine.device)
+    packed[: lengths[r]] = torch.cat(shares)
+    rows = [torch.empty_like(packed) for _ in range(replicas)]
+    island.all_gather(rows, packed)
+    parts = [  # parts[q][k]: replica q's share of island k's payload
+        rows[q][: lengths[q]].split([b[q + 1] - b[q] for b in bounds]) for q in range(replicas)
+    ]
+    return [torch.cat([parts[q][k] for q in range(replicas)]) for k in range(len(sizes))]
+
+
 class ProcessGroupTransport:
     """One worker per rank of a torch.distributed group (gloo on CPU, NCCL on GPU).
 
@@ -74,12 +159,17 @@ class ProcessGroupTransport:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ProcessGroupTransport needs torch.distributed to be initialized")
-        self.group = group
-        self.num_workers = dist.get_world_size(group)
-        self.worker = dist.get_rank(group) if worker is None else worker
-        self.island_group = island_group
-        self.island_size = 1 if island_group is None else dist.get_world_size(island_group)
-        self.island_rank = 0 if island_group is None else dist.get_rank(island_group)
+        self.cross = C10dCollectives(group)
+        self.num_workers = self.cross.size
+        self.worker = self.cross.rank if worker is None else worker
+        if self.worker != self.cross.rank:
+            raise ValueError(
+                f"worker={worker} must be this rank's index in the workers' group "
+                f"({self.cross.rank}): payloads are exchanged in rank order"
+            )
+        self.island = None if island_group is None else C10dCollectives(island_group)
+        self.island_size = 1 if self.island is None else self.island.size
+        self.island_rank = 0 if self.island is None else self.island.rank
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if (dist.get_backend(group) == "nccl")
@@ -103,63 +193,15 @@ class ProcessGroupTransport:
                 f"{sizes[self.worker]}"
             )
         try:
-            if self.island_size == 1:
-                return self._gather(mine, sizes)
-            return self._sharded_exchange(mine, sizes)
+            if self.island is None or self.island_size == 1:
+                return gather_payloads(self.cross, mine, sizes)
+            return sharded_gather(self.cross, self.island, mine, sizes)
         except Exception as exc:  # gloo/NCCL report a dead peer as a generic RuntimeError
             raise WorkerLostError(
                 f"worker {self.worker}: a peer left during the pseudo-gradient exchange "
                 f"({type(exc).__name__}: {exc}); restart the run to resume from the last "
                 "checkpoint"
             ) from exc
-
-    def _gather(self, mine: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-        """Every worker's ``mine`` over ``group``, in worker order; ``sizes[k]`` is worker k's."""
-        if not any(sizes):
-            return [torch.zeros(0, dtype=torch.uint8, device=self.device) for _ in sizes]
-        if len(set(sizes)) == 1:  # equal sizes: one all-gather
-            gathered = [torch.empty_like(mine) for _ in range(self.num_workers)]
-            dist.all_gather(gathered, mine, group=self.group)
-            return gathered
-        # Unequal sizes (uneven plans): an all-gather would pad every payload to the longest
-        # and put more on the wire than the bytes counted; one broadcast per worker sends
-        # exactly its own bytes, received in worker order as before.
-        gathered = []
-        for k, n in enumerate(sizes):
-            buf = (
-                mine if k == self.worker else torch.empty(n, dtype=torch.uint8, device=self.device)
-            )
-            if n:
-                dist.broadcast(buf, src=self._global_rank(k), group=self.group)
-            gathered.append(buf)
-        return gathered
-
-    def _sharded_exchange(self, mine: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-        """Shares across islands (each byte once), then the full payloads inside the island."""
-        bounds = [share_bounds(n, self.island_size) for n in sizes]
-        r = self.island_rank
-        lo, hi = bounds[self.worker][r], bounds[self.worker][r + 1]
-        shares = self._gather(mine[lo:hi], [b[r + 1] - b[r] for b in bounds])  # cross-island
-        # Inside the island: one all-gather of each replica's W shares, padded to the longest
-        # replica's total (shares differ by a byte per worker at most). The padding only
-        # crosses the fast intra-island links; one collective beats R exact broadcasts.
-        lengths = [sum(b[q + 1] - b[q] for b in bounds) for q in range(self.island_size)]
-        packed = torch.zeros(max(lengths), dtype=torch.uint8, device=self.device)
-        packed[: lengths[r]] = torch.cat(shares)
-        rows = [torch.empty_like(packed) for _ in range(self.island_size)]
-        dist.all_gather(rows, packed, group=self.island_group)
-        parts = [  # parts[q][k]: replica q's share of worker k's payload
-            rows[q][: lengths[q]].split([b[q + 1] - b[q] for b in bounds])
-            for q in range(self.island_size)
-        ]
-        return [
-            torch.cat([parts[q][k] for q in range(self.island_size)])
-            for k in range(self.num_workers)
-        ]
-
-    def _global_rank(self, worker: int) -> int:
-        """The global rank of ``worker`` (its rank in ``group``), as broadcast's ``src`` wants."""
-        return worker if self.group is None else dist.get_global_rank(self.group, worker)
 
 
 def share_bounds(size: int, parts: int) -> list[int]:
