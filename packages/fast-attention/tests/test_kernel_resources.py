@@ -15,9 +15,15 @@ import torch
 from verger.core.kernels.resources import KernelConfig, kernel_resources, ptxas_available
 from verger.fast_attention.ops.causal_linear import triton as kernels
 
-pytestmark = pytest.mark.skipif(
-    not kernels.HAS_TRITON or not ptxas_available(), reason="needs triton's NVIDIA backend"
-)
+# slow: ptxas compiles every configuration (minutes on 2 CPU cores); run with -m slow, and
+# by tests_latest (marker ptxas), which a new Triton must pass (issue 19)
+pytestmark = [
+    pytest.mark.skipif(
+        not kernels.HAS_TRITON or not ptxas_available(), reason="needs triton's NVIDIA backend"
+    ),
+    pytest.mark.slow,
+    pytest.mark.ptxas,
+]
 
 SIZES = {"n": "i32", "dk": "i32", "dv": "i32", "n_chunks": "i32", "e_size": "i32"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -261,14 +261,28 @@ def test_double_backward_is_refused_clearly():
 
 
 def test_explicit_triton_backend_off_cuda_says_what_it_needs(monkeypatch):
-    import verger.fast_attention.ops._backend as backend
+    import verger.core.kernels._common as common
+    from verger.core.kernels import TritonUnavailableError
 
-    monkeypatch.setattr(backend, "interpreter_on", lambda: False)
+    monkeypatch.setattr(common, "interpreter_on", lambda: False)
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
+    with pytest.raises(TritonUnavailableError, match="CUDA tensors"):
         linear_attention(q, k, v, causal=True, backend="triton")
-    with pytest.raises(RuntimeError, match="CUDA tensors"):
+    with pytest.raises(TritonUnavailableError, match="CUDA tensors"):
         causal_linear_fused(q, k, v)
+
+
+def test_core_use_backend_reaches_this_packages_ops(monkeypatch):
+    # one dispatch for every member (issue 20): core's use_backend("triton") redirects "auto"
+    # here too, so without the interpreter it is refused like an explicit backend="triton"
+    import verger.core.kernels._common as common
+    from verger.core.kernels import TritonUnavailableError, use_backend
+
+    monkeypatch.setattr(common, "interpreter_on", lambda: False)
+    q, k, v = _qkv()
+    linear_attention(q, k, v, causal=True)  # auto on CPU: the torch path
+    with use_backend("triton"), pytest.raises(TritonUnavailableError, match="CUDA tensors"):
+        linear_attention(q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("backend, feature_map", [("torch", "elu"), ("triton", "elu"),

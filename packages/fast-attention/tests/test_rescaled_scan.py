@@ -83,6 +83,8 @@ def test_dispatch_and_bad_inputs():
             kernels.rescaled_prefix_forward_triton(m.half(), s.detach().half(), z.detach().half())
 
 
+@pytest.mark.slow  # ptxas compile: minutes on 2 CPU cores (run by tests_latest)
+@pytest.mark.ptxas
 def test_scan_kernels_do_not_spill():
     if not kernels.HAS_TRITON or not ptxas_available():
         pytest.skip("needs triton's NVIDIA backend")

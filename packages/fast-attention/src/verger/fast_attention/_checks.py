@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from verger.core.validation import finite_number
+from verger.core.validation import finite_number, positive_int
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,10 +56,7 @@ def check_padding_mask(mask: torch.Tensor | None, batch: int, length: int) -> to
     return mask
 
 
-def check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return value
+check_positive_int = positive_int  # verger.core.validation's (an int >= 1, bools refused)
 
 
 def check_eps(eps: object) -> float:

@@ -59,7 +59,7 @@ def cluster_queries(
     clusters = min(n_clusters, n)
     valid = _query_validity(key_padding_mask, b, h, n, n)
     codes = hash_codes(q.reshape(b * h, n, d), bits, valid=valid, generator=generator)
-    assign, _ = hamming_kmeans(codes, clusters, iterations, valid=valid)
+    assign, _ = hamming_kmeans(codes, clusters, iterations, valid=valid, generator=generator)
     return assign.view(b, h, n), clusters
 
 

@@ -8,10 +8,7 @@ KV-cache softmax model), with plots.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -32,19 +29,21 @@ from verger.core.data import (
     validation_batches,
 )
 from verger.core.nn import TransformerConfig, TransformerLM
-from verger.core.runtime import resolve_device
+from verger.core.runs import Run
 from verger.core.train import (
     Checkpointer,
     LoopConfig,
     MetricsLogger,
     TrainLoop,
-    atomic_write_json,
     cosine_schedule,
     lambda_lr,
     read_metrics,
 )
+from verger.fast_attention.clustered_accuracy import capture_qkv, save_qkv
+from verger.fast_attention.settings import DemoSettings, describe_machine
 
-ATTENTIONS = ("softmax", "linear", "improved_clustered")
+QKV_FILE = "model_qkv.pt"  # the softmax model's last layer q, k, v (clustered accuracy bench)
+QKV_TOKENS = 4096
 
 
 def _attention_options(name: str, seq_len: int) -> dict[str, Any]:
@@ -53,42 +52,18 @@ def _attention_options(name: str, seq_len: int) -> dict[str, Any]:
     return {}
 
 
-def _data(quick: bool, seq_len: int) -> tuple[PackedDataset, PackedDataset]:
+def _data(settings: DemoSettings, *, rebuild: bool = False) -> tuple[PackedDataset, PackedDataset]:
     corpus = build_corpus(
         domains=["docs", "code"],
-        max_bytes_per_domain=300_000 if quick else 2_000_000,
+        max_bytes_per_domain=settings.corpus_bytes,
         progress=False,
+        rebuild=rebuild,
     )
+    seq_len = settings.seq_len
     tok = ByteTokenizer()
     train = torch.cat(list(tokenize_corpus(corpus, tok, "train").values()))
     val = torch.cat(list(tokenize_corpus(corpus, tok, "validation").values()))
     return PackedDataset(train, seq_len), PackedDataset(val, seq_len)
-
-
-def _prepare_out(out: Path, run: dict[str, Any], resume: bool) -> None:
-    """A fresh run drops an earlier run's checkpoints and logs; ``resume`` checks that the
-    checkpoints come from the same settings (a different step count or batch would silently
-    continue another schedule)."""
-    stamp = out / "checkpoints" / "run.json"
-    if resume and stamp.is_file():
-        try:
-            saved = json.loads(stamp.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(
-                f"{stamp} is corrupt ({exc}); run without --resume to start over"
-            ) from None
-        if saved != run:
-            changed = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
-            raise ValueError(
-                f"--resume: the checkpoints in {stamp.parent} come from other settings "
-                f"(saved, now): {changed}; rerun with the saved settings, or without --resume "
-                "to start over"
-            )
-    if not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "logs", ignore_errors=True)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, run)
 
 
 def _step_records(log: Path) -> list[dict[str, Any]]:
@@ -143,84 +118,104 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train(
+def train_model(
     model: TransformerLM,
-    name: str,
     train: PackedDataset,
-    args: argparse.Namespace,
-    run: dict[str, Any],
+    settings: DemoSettings,
+    *,
+    logs: Path,
+    checkpoints: Path,
     device: torch.device,
+    seed: int,
+    resume: bool,
+    desc: str,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` with verger.core's loop (checkpoints under ``out/checkpoints/<name>``,
-    one JSONL record per step under ``out/logs/<name>``); returns the per-step records."""
-    steps = run["steps"]
+    """Train ``model`` with verger.core's loop (checkpoints under ``checkpoints``, one JSONL
+    record per step under ``logs``; ``resume`` continues from the last checkpoint); returns
+    the per-step records."""
+    steps = settings.steps
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = lambda_lr(opt, cosine_schedule(steps, warmup_steps=min(20, steps // 10), min_ratio=0))
     # its own sampler per model, seeded alike: every attention sees the same batches
-    sampler = DomainSampler({"train": train}, [1.0], batch_size=run["batch"], seed=run["seed"])
-    every = args.checkpoint_every
-    if every is None:
-        every = max(10, steps // 4)
-    with MetricsLogger(args.out / "logs" / name, tensorboard=False) as logger:
+    sampler = DomainSampler({"train": train}, [1.0], batch_size=settings.batch_size, seed=seed)
+    with MetricsLogger(logs, tensorboard=False) as logger:
         loop = TrainLoop(
             model,
             opt,
-            config=LoopConfig(max_steps=steps, grad_clip=1.0, log_every=1, checkpoint_every=every),
+            config=LoopConfig(
+                max_steps=steps, grad_clip=1.0, log_every=1, checkpoint_every=settings.every()
+            ),
             scheduler=sched,
-            checkpointer=Checkpointer(args.out / "checkpoints" / name, keep=1),
+            checkpointer=Checkpointer(checkpoints, keep=1),
             logger=logger,
             loss_fn=lambda m, b: m(b[0].to(device), targets=b[1].to(device)).loss,
-            desc=f"train {name}",
+            desc=desc,
         )
-        loop.run(sampler, resume=args.resume)
-    return _step_records(args.out / "logs" / name / "metrics.jsonl")
+        loop.run(sampler, resume=resume)
+    return _step_records(logs / "metrics.jsonl")
 
 
-def check_demo_args(args: argparse.Namespace) -> None:
-    """Raise ``ValueError`` naming the bad option before any work starts."""
-    if args.steps is not None and args.steps < 2:
-        raise ValueError(f"--steps {args.steps}: must be >= 2 (throughput is a median step time)")
-    unknown = [n for n in args.attentions or () if n not in ATTENTIONS]
-    if unknown:
-        raise ValueError(f"--attentions: unknown {unknown}; choose from {list(ATTENTIONS)}")
-    every = args.checkpoint_every
-    if every is not None and (not isinstance(every, int) or every < 0):
-        raise ValueError(f"--checkpoint-every {every}: must be >= 0 (0: only at the end)")
+def _model(name: str, settings: DemoSettings, vocab: int, device: torch.device) -> TransformerLM:
+    cfg = TransformerConfig(
+        vocab_size=vocab, d_model=128, n_layers=2, n_heads=4,
+        max_seq_len=max(max(settings.contexts), settings.seq_len) + 64,
+        attention=name, attention_options=_attention_options(name, settings.seq_len),
+    )  # fmt: skip
+    return TransformerLM(cfg).to(device)
 
 
-def run_demo(args: argparse.Namespace) -> Report:
-    """Train, evaluate and time each attention; ``args`` as ``check_demo_args`` accepts them
-    (the CLI checks them first, so a bad option is a usage error before any work)."""
-    quick = bool(args.quick)
-    seq_len, batch = (128, 8) if quick else (256, 16)
-    steps = args.steps if args.steps is not None else (60 if quick else 800)
-    names = list(dict.fromkeys(args.attentions or ATTENTIONS))
-    contexts = [128, 1024] if quick else [256, 1024, 4096, 8192]
-    device = resolve_device(args.device)
-    torch.set_num_threads(2)
-    run = {"quick": quick, "steps": steps, "seq_len": seq_len, "batch": batch, "seed": args.seed}
-    _prepare_out(args.out, run, args.resume)
-    train, val = _data(quick, seq_len)
+def trained_qkv(
+    settings: DemoSettings, folder: Path, *, device: torch.device, seed: int, resume: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The demo's softmax LM trained under ``folder`` (``logs/``, ``checkpoints/``), and its
+    last layer's q, k, v over up to 4096 validation tokens (the clustered accuracy bench)."""
+    train, val = _data(settings)
+    seed_everything(seed)
+    model = _model("softmax", settings, ByteTokenizer().vocab_size, device)
+    train_model(
+        model, train, settings, logs=folder / "logs", checkpoints=folder / "checkpoints",
+        device=device, seed=seed, resume=resume, desc="train softmax LM",
+    )  # fmt: skip
+    n = min(QKV_TOKENS, model.config.max_seq_len, val.tokens.numel())
+    return capture_qkv(model, val.tokens[:n][None].to(device))
+
+
+def run_demo(settings: DemoSettings, run: Run) -> Report:
+    """Train, evaluate and time each attention into the run folder (``logs/<name>``,
+    ``checkpoints/<name>``, ``model_qkv.pt``); ``run.resumed`` continues each model from its
+    last checkpoint."""
+    device = run.device
+    steps, seq_len, batch = settings.steps, settings.seq_len, settings.batch_size
+    contexts = list(settings.contexts)
+    train, val = _data(settings, rebuild=run.rebuild_corpus)
     vocab = ByteTokenizer().vocab_size
-    report = Report(args.out, title="verger-fast-attention demo: softmax vs linear vs clustered")
+    logs, checkpoints = run.path("logs"), run.path("checkpoints")
+    report = run.report("verger-fast-attention demo: softmax vs linear vs clustered")
+    machine = describe_machine(device)
+    report.metric("device", str(device))
+    report.metric("machine", machine)
     report.text(
         f"Byte-level LMs (d_model 128, 2 layers, 4 heads) trained {steps} steps of {batch}×"
-        f"{seq_len} tokens on the embedded corpus (docs + code), device {device}; same data "
+        f"{seq_len} tokens on the embedded corpus (docs + code), on {machine}; same data "
         "order and seed. Training throughput is the median step time."
     )
     rows, curves, gen = [], {}, {}
-    for name in names:
-        seed_everything(args.seed)
-        cfg = TransformerConfig(
-            vocab_size=vocab, d_model=128, n_layers=2, n_heads=4, max_seq_len=max(contexts) + 64,
-            attention=name, attention_options=_attention_options(name, seq_len),
+    for name in settings.attentions:
+        seed_everything(run.seed)
+        model = _model(name, settings, vocab, device)
+        records = train_model(
+            model, train, settings, logs=logs / name, checkpoints=checkpoints / name,
+            device=device, seed=run.seed, resume=run.resumed, desc=f"train {name}",
         )  # fmt: skip
-        model = TransformerLM(cfg).to(device)
-        records = _train(model, name, train, args, run, device)
-        vl = _val_loss(model, val, 8 if quick else 32, batch)
+        if name == "softmax":  # real queries for the clustered attention accuracy bench
+            n = min(QKV_TOKENS, model.config.max_seq_len, val.tokens.numel())
+            qkv = capture_qkv(model, val.tokens[:n][None].to(device))
+            save_qkv(run.path(QKV_FILE), *qkv)
+        vl = _val_loss(model, val, settings.val_batches, batch)
         tps = batch * seq_len / _median_step_seconds(records)
         curves[name] = [r["loss"] for r in records]
-        gen[name] = {c: _generation_ms(model, c, 8 if quick else 32, vocab) for c in contexts}
+        tokens = settings.generation_tokens
+        gen[name] = {c: _generation_ms(model, c, tokens, vocab) for c in contexts}
         report.metric(f"val_loss_{name}", vl)
         report.metric(f"train_tokens_per_s_{name}", tps)
         for c, ms in gen[name].items():
@@ -241,6 +236,7 @@ def run_demo(args: argparse.Namespace) -> Report:
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats/byte)")
     ax.legend()
+    run.path("train_loss.png")
     report.plot("train_loss", fig)
     fig, ax = new_figure()
     for name, per_ctx in gen.items():
@@ -250,6 +246,6 @@ def run_demo(args: argparse.Namespace) -> Report:
     ax.set_xlabel("context length")
     ax.set_ylabel("ms per generated token")
     ax.legend()
+    run.path("generation_ms_per_token.png")
     report.plot("generation_ms_per_token", fig)
-    report.write()
     return report

@@ -7,6 +7,7 @@ from typing import Literal, overload
 import torch
 import torch.nn.functional as F
 
+from verger.core.kernels import pick_backend
 from verger.fast_attention._checks import check_padding_mask, check_positive_int, check_qkv
 from verger.fast_attention.causal_clustered.centroids import assign_to_centroids, check_centroids
 from verger.fast_attention.causal_clustered.scans import (
@@ -27,7 +28,6 @@ from verger.fast_attention.causal_clustered.top_keys import (
 )
 from verger.fast_attention.clustered import _rows, _topk_exact_blocked
 from verger.fast_attention.feature_maps import compute_dtype
-from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.gathered_attention.triton import MAX_DIM, MAX_KEYS
 from verger.fast_attention.ops.rescaled_scan import NEG_INF, safe_shift
 
@@ -192,7 +192,7 @@ def causal_clustered_attention(
     elif assignments.shape != q.shape[:3] or assignments.dtype != torch.long:
         raise ValueError(f"assignments must be int64 {tuple(q.shape[:3])}")
     fits = (topk or 0) + chunk_size <= MAX_KEYS and max(d, v.shape[-1]) <= MAX_DIM
-    backend = pick_backend(backend, q.device, fits=fits)
+    backend = pick_backend(backend, q.device, op="causal_clustered", fits=fits)
     dtype = compute_dtype(q.dtype)
     scale = d**-0.5 if scale is None else float(scale)
     g, clusters = b * h, c.shape[2]

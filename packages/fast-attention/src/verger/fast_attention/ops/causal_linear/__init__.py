@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from verger.core.kernels import pick_backend
 from verger.fast_attention.feature_maps import compute_dtype, elu_plus_one
-from verger.fast_attention.ops._backend import pick_backend
 from verger.fast_attention.ops.causal_linear.chunked import (
     DEFAULT_CHUNK_SIZE,
     causal_linear_backward_chunked,
@@ -68,7 +68,7 @@ def resolve_backend(
     (``head_dim`` <= 256, ``batch_heads`` <= 65535, not float64), the chunked torch path
     otherwise."""
     fits = head_dim <= MAX_HEAD_DIM and batch_heads <= MAX_GRID_Z and dtype != torch.float64
-    return pick_backend(backend, device, fits=fits, choices=BACKENDS)
+    return pick_backend(backend, device, op="causal_linear", fits=fits, choices=BACKENDS)
 
 
 class _CausalProduct(torch.autograd.Function):
@@ -268,7 +268,7 @@ def causal_linear_fused(
     holds two fewer (N, D) tensors than ``causal_linear`` on precomputed features.
     """
     _check_shapes(q, k, v, chunk_size)
-    backend = pick_backend(backend, q.device, choices=("triton", "torch"))
+    backend = pick_backend(backend, q.device, op="causal_linear", choices=("triton", "torch"))
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError(
             "causal_linear_fused(backend='triton') runs float32/float16/bfloat16 inputs, not "

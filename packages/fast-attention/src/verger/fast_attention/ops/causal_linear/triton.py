@@ -57,8 +57,14 @@ try:
     from verger.core.kernels.lang import lane_flag
 
     HAS_TRITON = True
+    TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 except ImportError:  # pragma: no cover - triton is optional at import
     HAS_TRITON = False
+    TRITON_VERSION = (0, 0)
+
+# Triton 3.9's compiler allocates registers differently: some of the 3.8 configurations spill
+# with it (issue 19), so those few take narrower tiles from 3.9 on; 3.8 keeps its own.
+NARROW_TILES = TRITON_VERSION >= (3, 9)
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Z = 65535  # batch*heads rides on a grid axis limited to this
@@ -609,6 +615,16 @@ class _Plan:
         self.bt = max(16, min(next_power_of_2(chunk_size), cap))
         self.k_blocks = _cdiv(self.dk, self.bk)
         self.v_blocks = _cdiv(self.dv, self.bv)
+        # The gradient kernel holds the most at once (dq, dk and dv branches in one launch):
+        # with Triton >= 3.9 on sm_90 it takes narrower head-dim blocks (more programs per
+        # chunk) where the plan's own would spill (``_grads_tiles``).
+        self.grads_bk, self.grads_bv = (
+            _grads_tiles(self.arch, low, widest, self.bk, self.bv)
+            if NARROW_TILES
+            else (self.bk, self.bv)
+        )
+        self.grads_k_blocks = _cdiv(self.dk, self.grads_bk)
+        self.grads_v_blocks = _cdiv(self.dv, self.grads_bv)
         self.n_chunks = _cdiv(self.n, self.bt)
         # Per chunk: [S (dk x dv), z (dk)]; the unnormalized product has no z.
         self.e_size = self.dk * self.dv + (self.dk if normalize else 0)
@@ -639,8 +655,10 @@ class _Plan:
         if kernel == "backward_states":
             return {**tiles, **blocks, "NORMALIZE": normalize, "RESIDUAL": residual, **dots}
         if kernel == "grads":
-            return {**tiles, **blocks, "NORMALIZE": normalize,
-                    "INTRA_PRECISION": self.intra_prec, **dots}  # fmt: skip
+            return {"BT": self.bt, "BK": self.grads_bk, "BV": self.grads_bv,
+                    "K_BLOCKS": self.grads_k_blocks, "V_BLOCKS": self.grads_v_blocks,
+                    "NORMALIZE": normalize, "INTRA_PRECISION": self.intra_prec,
+                    **dots}  # fmt: skip
         raise ValueError(f"unknown kernel {kernel!r}")
 
     def flat(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -684,7 +702,7 @@ class _Plan:
             "states": tiles,
             "backward_states": 2 * tiles,  # forward and reversed state tiles
             "forward": self.v_blocks,
-            "grads": 2 * self.k_blocks + self.v_blocks,  # dq, dk, dv blocks
+            "grads": 2 * self.grads_k_blocks + self.grads_v_blocks,  # dq, dk, dv blocks
         }[kernel]
         return (self.n_chunks, blocks, self.bh)
 
@@ -703,6 +721,23 @@ class _Plan:
         _LAUNCH["scan"](
             grid, (states, states if rev is None else rev, self.n_chunks, self.e_size), SCAN_META
         )
+
+
+def _grads_tiles(arch: int, low: bool, widest: int, bk: int, bv: int) -> tuple[int, int]:
+    """Key and value block widths of ``_grads_kernel`` with Triton >= 3.9: the plan's own
+    (``bk``, ``bv``) except on sm_90 where they spill. Chosen by one criterion, no spills with
+    3.9 and its ptxas (``tests/test_kernel_resources.py``; at 255 registers the plan's own
+    blocks spilled 24-164 bytes with 3.9; 3.8 keeps them, within its bounds there): fp32 at head dims <= 64 (64-position chunks, 3xTF32
+    states) takes 32 x 32 blocks (232-236 registers); 16-bit heads of 128 (32-position
+    chunks) 16 x 32 (182-186); of 256 (16-position chunks) 32 x 32 (136-137). Not yet timed
+    on a GPU (see PERFORMANCE.md)."""
+    if arch < 90 or widest <= 32 or (low and widest <= 64):
+        return bk, bv
+    if widest <= 64:
+        return min(bk, 32), min(bv, 32)
+    if widest <= 128:
+        return min(bk, 16), min(bv, 32)
+    return min(bk, 32), min(bv, 32)
 
 
 def _empty_rows(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -31,6 +31,7 @@ from verger.fast_attention.ops._launch import Launcher
 from verger.fast_attention.ops.causal_linear.triton import (
     HAS_TRITON,
     LOW_PRECISION,
+    NARROW_TILES,
     _device_arch,
     _Plan,
     plan_for,
@@ -121,11 +122,20 @@ if HAS_TRITON:
             s, z = _advance(s, z, k, v, PRECISION)
 
     @triton.jit
+    def _reverse_state(r_s, r_z, q32, g, w, d, STATE_PRECISION: tl.constexpr):
+        """The reversed states after one more (earlier) chunk: R + Qᵀ G, ρ + Σ r q."""
+        r_s = tl.dot(tl.trans(q32), g, r_s, input_precision=STATE_PRECISION)
+        return r_s, r_z + tl.sum(q32 * (-w / d)[:, None], axis=0)
+
+    @triton.jit
     def _seq_dkv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, d_ptr, w_ptr, dk_ptr, dv_ptr, n, dk, dv,
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FEATURE: tl.constexpr,
         PRECISION: tl.constexpr, INTRA_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
     ):  # fmt: skip
+        """The reverse sweep, two programs per batch·head (grid axis 1): 0 forms dv, 1 forms
+        dk; each carries its own copy of the reversed states, so neither holds both
+        gradients' operands (one program doing both spills with Triton 3.9 in fp32)."""
         bh, offs_t, offs_k, offs_v = _program(BT, BK, BV)
         later = offs_t[None, :] >= offs_t[:, None]  # row j (key), column i (query): i >= j
         r_s = tl.zeros([BK, BV], dtype=tl.float32)  # Σ q gᵀ over the later chunks
@@ -134,33 +144,34 @@ if HAS_TRITON:
         for i in range(0, n_chunks):
             rows = (n_chunks - 1 - i) * BT + offs_t
             q = _feature_tile(q_ptr, bh, n, dk, rows, offs_k, FEATURE)
-            k = _feature_tile(k_ptr, bh, n, dk, rows, offs_k, FEATURE)
-            v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
             do = _rows_tile(do_ptr, bh, n, dv, rows, offs_v)
             d = tl.load(d_ptr + bh * n + rows, mask=rows < n, other=1.0)
             w = tl.load(w_ptr + bh * n + rows, mask=rows < n, other=0.0)
             g = do.to(tl.float32) / d[:, None]
             q32 = q.to(tl.float32)
-            k32 = k.to(tl.float32)
-            # dv_j = Σ_{i>=j} (q_i·k_j) g_i + K R
-            scores_t = tl.where(later, tl.dot(k, tl.trans(q), input_precision=PRECISION), 0.0)
-            dv_tile = tl.dot(scores_t, g, input_precision=INTRA_PRECISION)
-            dv_tile = tl.dot(k32, r_s, dv_tile, input_precision=STATE_PRECISION)
-            _rows_store(dv_ptr, bh, n, dv, rows, offs_v, dv_tile)
-            # dk_j = Σ_{i>=j} (g_i·v_j + r_i) q_i + V Rᵀ + ρ; columns scaled by 1/d_i (tiny at
-            # long lengths), so fp32 operands keep the range
-            vdo = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dscores_t = tl.where(later, (vdo - w[None, :]) / d[None, :], 0.0)
-            dk_tile = tl.dot(dscores_t, q32, input_precision=INTRA_PRECISION)
-            dk_tile = tl.dot(
-                v.to(tl.float32), tl.trans(r_s), dk_tile, input_precision=STATE_PRECISION
-            )
-            dk_tile += r_z[None, :]
-            if FEATURE:
-                dk_tile *= _elu_slope(_rows_tile(k_ptr, bh, n, dk, rows, offs_k).to(tl.float32))
-            _rows_store(dk_ptr, bh, n, dk, rows, offs_k, dk_tile)
-            r_s = tl.dot(tl.trans(q32), g, r_s, input_precision=STATE_PRECISION)
-            r_z += tl.sum(q32 * (-w / d)[:, None], axis=0)
+            if tl.program_id(1) == 0:
+                # dv_j = Σ_{i>=j} (q_i·k_j) g_i + K R
+                k = _feature_tile(k_ptr, bh, n, dk, rows, offs_k, FEATURE)
+                scores_t = tl.where(later, tl.dot(k, tl.trans(q), input_precision=PRECISION), 0.0)
+                dv_tile = tl.dot(scores_t, g, input_precision=INTRA_PRECISION)
+                dv_tile = tl.dot(k.to(tl.float32), r_s, dv_tile, input_precision=STATE_PRECISION)
+                _rows_store(dv_ptr, bh, n, dv, rows, offs_v, dv_tile)
+            else:
+                # dk_j = Σ_{i>=j} (g_i·v_j + r_i) q_i + V Rᵀ + ρ; columns scaled by 1/d_i (tiny
+                # at long lengths), so fp32 operands keep the range
+                v = _rows_tile(v_ptr, bh, n, dv, rows, offs_v)
+                vdo = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dscores_t = tl.where(later, (vdo - w[None, :]) / d[None, :], 0.0)
+                dk_tile = tl.dot(dscores_t, q32, input_precision=INTRA_PRECISION)
+                dk_tile = tl.dot(
+                    v.to(tl.float32), tl.trans(r_s), dk_tile, input_precision=STATE_PRECISION
+                )
+                dk_tile += r_z[None, :]
+                if FEATURE:
+                    raw_k = _rows_tile(k_ptr, bh, n, dk, rows, offs_k).to(tl.float32)
+                    dk_tile *= _elu_slope(raw_k)
+                _rows_store(dk_ptr, bh, n, dk, rows, offs_k, dk_tile)
+            r_s, r_z = _reverse_state(r_s, r_z, q32, g, w, d, STATE_PRECISION)
 
 
 _LAUNCH: dict[str, Launcher] = (
@@ -197,12 +208,15 @@ def sequential_meta(plan: _Plan, kernel: str, residual: bool = False) -> dict[st
     output saved with its rounding residual (``forward`` and ``dq``).
 
     The register budget decides, as in ``triton.py``: the fp32 state and its 3xTF32 products
-    stay resident through the loop, so chunks are 32 positions for 16-bit inputs (16 for the
-    reverse sweep, which holds both its gradients) and 16 for fp32; 8 warps; two pipeline
-    stages prefetch the next chunk's tiles where the registers allow it.
+    stay resident through the loop, so chunks are 32 positions for the 16-bit forward and dq
+    sweeps and 16 for the rest (the reverse sweep holds more; from Triton 3.9 the 16-bit dq
+    sweep takes 16 too: at 32 it spills 24-32 bytes with 3.9's compiler); 8 warps; two pipeline stages prefetch the next
+    chunk's tiles where the registers allow it.
     """
     low = plan.dtype in LOW_PRECISION
-    meta: dict[str, Any] = {"BT": 32 if low and kernel != "dkv" else 16, "BK": plan.bk,
+    # Triton 3.8 keeps its 32-position 16-bit dq sweep; 3.9's compiler spills there
+    wide = ("forward",) if NARROW_TILES else ("forward", "dq")
+    meta: dict[str, Any] = {"BT": 32 if low and kernel in wide else 16, "BK": plan.bk,
                             "BV": plan.bv, "FEATURE": plan.feature, "PRECISION": plan.prec,
                             "STATE_PRECISION": plan.state_prec}  # fmt: skip
     if kernel == "dkv":
@@ -270,6 +284,6 @@ def causal_linear_backward_sequential(
             sequential_meta(plan, "dq", residual=res is not None),
         )  # fmt: skip
         _LAUNCH["dkv"](
-            (plan.bh,), (q3, k3, v3, do3, d3, w3, dk, dv, *sizes), sequential_meta(plan, "dkv")
+            (plan.bh, 2), (q3, k3, v3, do3, d3, w3, dk, dv, *sizes), sequential_meta(plan, "dkv")
         )
     return dq, dk, dv

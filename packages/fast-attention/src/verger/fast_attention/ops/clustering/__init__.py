@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import torch
 
-from verger.fast_attention.ops._backend import BACKENDS, pick_backend
+from verger.core.kernels import BACKENDS, pick_backend
 from verger.fast_attention.ops.clustering.reference import (
     hamming_distance_reference,
     pack_bits,
+)
+from verger.fast_attention.ops.clustering.seeding import (
+    seed_candidates,
+    seed_centroids_torch,
+    seed_draws,
+    seed_rows,
 )
 from verger.fast_attention.ops.clustering.triton import (
     MAX_BITS,
@@ -33,6 +39,7 @@ from verger.fast_attention.ops.clustering.triton import (
     check_assign_inputs,
     hamming_assign_triton,
     hamming_kmeans_triton,
+    seed_centroids_triton,
 )
 
 __all__ = [
@@ -43,12 +50,16 @@ __all__ = [
     "hash_codes",
     "pack_bits",
     "resolve_backend",
+    "seed_centroids",
 ]
+
+
+HASH_OFFSET_SCALE = 0.1  # the planes' offsets, relative to the projections' RMS
 
 
 def resolve_backend(backend: str, device: torch.device, bits: int = 0) -> str:
     """``auto`` picks Triton on CUDA when it is installed and ``bits`` <= 64, torch otherwise."""
-    return pick_backend(backend, device, fits=bits <= MAX_BITS)
+    return pick_backend(backend, device, op="clustering", fits=bits <= MAX_BITS)
 
 
 def hash_codes(
@@ -58,11 +69,15 @@ def hash_codes(
     valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """±1 codes (G, N, bits) from random hyperplanes with offsets: ``sign(x W + b)``.
+    """±1 codes (G, N, bits) from random hyperplanes near the origin: ``sign(x W + b)``.
 
-    ``x``: (G, N, D). The offsets are drawn at the scale of the projections (their RMS over
-    the valid rows), so the planes cut through the data instead of passing by the origin.
-    The planes come from ``generator`` (on its device) or from the default generator of x's
+    ``x``: (G, N, D). The offsets ``b`` are drawn at a tenth of the projections' scale (their
+    RMS over the valid rows): the planes pass near the origin, as the reference
+    implementation's unscaled N(0, 1) offsets do for projections of norm ~10, so each bit
+    splits the queries by direction (offsets at the full scale put many planes beside the
+    data, and their bits say little: +0.04 relative error on a trained layer's queries),
+    while queries along one direction with different norms can still be told apart. The
+    planes come from ``generator`` (on its device) or from the default generator of x's
     device.
     """
     g, n, d = x.shape
@@ -75,26 +90,29 @@ def hash_codes(
     w = torch.ones(g, n, 1, device=x.device) if valid is None else valid[..., None].float()
     # nansum: a non-finite query spoils its own cluster, not every row's planes
     scale = (torch.nansum(proj.square() * w, (1, 2)) / (w.sum((1, 2)) * bits).clamp_min(1.0)).sqrt()
-    proj = proj + offsets.to(x.device) * scale[:, None, None]
+    proj = proj + offsets.to(x.device) * (HASH_OFFSET_SCALE * scale)[:, None, None]
     return (proj >= 0).float().mul_(2.0).sub_(1.0)
 
 
-def _initial_centroids(
-    codes: torch.Tensor, n_clusters: int, valid: torch.Tensor | None
+def seed_centroids(
+    codes: torch.Tensor,
+    n_clusters: int,
+    *,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Codes of queries spread evenly over each row's valid positions, wherever they are
-    (left or right padding, or holes): padded queries never seed a centroid."""
-    g, n, bits = codes.shape
-    steps = torch.arange(n_clusters, device=codes.device, dtype=torch.float64)
-    if valid is None:
-        idx = (steps * n / n_clusters).floor().long().expand(g, -1)
-    else:
-        # the valid positions first, in order (a stable sort of the mask), then the k-th
-        lengths = valid.sum(1).clamp_min(1)
-        order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True)[1]
-        rank = (steps[None, :] * lengths[:, None].double() / n_clusters).floor().long()
-        idx = order.gather(1, rank)
-    return codes.gather(1, idx[..., None].expand(-1, -1, bits))
+    """k-means++ initial centroids (G, C, bits) for ±1 codes (G, N, bits): the rules are in
+    ``seeding.py``; the random draws come from ``generator`` (or the default generator of
+    the codes' device). Padded rows (``valid`` False) are never drawn. ``backend`` as in
+    ``hamming_assign``: both give the same seeds."""
+    g = codes.shape[0]
+    backend = resolve_backend(backend, codes.device, codes.shape[-1])
+    draws = seed_draws(g, n_clusters, codes.device, generator)
+    cand, ok = seed_candidates(codes, valid, seed_rows(n_clusters))
+    if backend == "triton":
+        return seed_centroids_triton(cand, ok, n_clusters, draws).to(codes.dtype)
+    return seed_centroids_torch(cand, ok, n_clusters, draws)
 
 
 def _assign(
@@ -174,11 +192,13 @@ def hamming_kmeans(
     *,
     valid: torch.Tensor | None = None,
     backend: str = "auto",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means in Hamming space: returns (assignments (G, N), centroids (G, C, bits)).
 
-    Centroids are per-bit majority votes of their members (ties to +1); an empty cluster keeps
-    its previous centroid. ``valid`` (G, N) bool restricts which rows seed the centroids and
+    Starts from k-means++ seeds (``seed_centroids``, drawn from ``generator``). Centroids are
+    per-bit majority votes of their members (ties to +1); an empty cluster keeps its previous
+    centroid. ``valid`` (G, N) bool restricts which rows seed the centroids and
     vote (padded ones do not, wherever they are). Every row is still assigned to its nearest
     centroid. Stops early once the assignments are stable (a fixed point: further iterations
     would change nothing). ``backend``: as in ``hamming_assign``; with Triton the loop is
@@ -187,7 +207,7 @@ def hamming_kmeans(
     """
     g, n, bits = codes.shape
     backend = resolve_backend(backend, codes.device, bits)
-    centroids = _initial_centroids(codes, n_clusters, valid)
+    centroids = seed_centroids(codes, n_clusters, valid=valid, generator=generator, backend=backend)
     if backend == "triton" and g <= MAX_GRID_Y:
         return hamming_kmeans_triton(codes, centroids, iterations, valid)
     weights = codes if valid is None else codes * valid[..., None]

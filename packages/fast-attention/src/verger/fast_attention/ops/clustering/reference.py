@@ -23,6 +23,35 @@ def hamming_distance_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return count
 
 
+def kmeans_reference(
+    x: torch.Tensor, n_clusters: int, iterations: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense k-means of points x (N, D) in float64: k-means++ seeds (each drawn with
+    probability proportional to the squared distance to the nearest seed so far), then
+    Lloyd's iterations (an empty cluster keeps its centroid). Returns (assignments (N,),
+    centroids (C, D)). What the Hamming k-means approximates, without hashing."""
+    x = x.double()
+    n = x.shape[0]
+    seeds = [int(torch.randint(0, n, (1,), generator=generator))]
+    nearest = ((x - x[seeds[0]]) ** 2).sum(-1)
+    for _ in range(1, n_clusters):
+        if float(nearest.sum()) == 0:  # every point is a seed already: repeat one
+            seeds.append(seeds[-1])
+            continue
+        pick = int(torch.multinomial(nearest, 1, generator=generator))
+        seeds.append(pick)
+        nearest = torch.minimum(nearest, ((x - x[pick]) ** 2).sum(-1))
+    centroids = x[seeds].clone()
+    assign = torch.cdist(x, centroids).argmin(-1)
+    for _ in range(iterations):
+        for c in range(n_clusters):
+            members = x[assign == c]
+            if len(members):
+                centroids[c] = members.mean(0)
+        assign = torch.cdist(x, centroids).argmin(-1)
+    return assign, centroids
+
+
 def clustered_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

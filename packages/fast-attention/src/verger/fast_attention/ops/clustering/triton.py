@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from verger.core.kernels import next_power_of_2
-from verger.fast_attention.ops._backend import require_triton
+from verger.core.kernels import next_power_of_2, require_triton
 
 try:
     import triton
@@ -168,7 +167,9 @@ if HAS_TRITON:
                     a, cent.to(tl.float16), cols, mask_c, c, best, best_idx
                 )
             # rows whose nearest centroid changed (every row at t = 0)
-            prev = tl.load(assign_ptr + g * n + rows, mask=mask_r & lane_flag(t > 0, rows), other=-1)
+            prev = tl.load(
+                assign_ptr + g * n + rows, mask=mask_r & lane_flag(t > 0, rows), other=-1
+            )
             moved = tl.sum(tl.where(mask_r & (prev != best_idx), 1, 0), axis=0)
             tl.atomic_add(changed_ptr + t * n_groups + g, moved)
             tl.store(assign_ptr + g * n + rows, best_idx.to(tl.int64), mask=mask_r)
@@ -201,6 +202,101 @@ if HAS_TRITON:
                     idx = off + tl.arange(0, BZ)
                     tl.store(votes_next + idx, zeros, mask=idx < cb)
                     tl.store(counts_next + idx, zeros, mask=idx < c)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _seed_weights(near_ptr, ok_ptr, rows, mask, first_seed, HAS_OK: tl.constexpr):
+        """k-means++ weights of a block of candidates: 1 for the first seed, then the squared
+        Hamming distance to the nearest seed so far; 0 outside the candidates (int32)."""
+        near = tl.load(near_ptr + rows, mask=mask, other=0)
+        w = tl.where(first_seed, 1, near * near)
+        if HAS_OK:
+            w = tl.where(tl.load(ok_ptr + rows, mask=mask, other=0) != 0, w, 0)
+        return tl.where(mask, w, 0)
+
+    @triton.jit
+    def _seed_kernel(
+        cand_ptr,
+        ok_ptr,
+        draws_ptr,
+        seeds_ptr,
+        near_ptr,
+        m,
+        c,
+        bits,
+        HAS_OK: tl.constexpr,
+        BM: tl.constexpr,
+        BB: tl.constexpr,
+    ):
+        """k-means++ seeds of one group (``seeding.py`` is the specification): for each seed j,
+        fold seed j − 1 into every candidate's nearest distance (``near``, int32, set to
+        bits + 1 by the caller) while summing the weights, then count the candidates whose
+        running weight sum is at most ``(r_j · total) >> 31``: that count is the pick."""
+        g = tl.program_id(0).to(tl.int64)
+        offs_b = tl.arange(0, BB)
+        mask_b = offs_b < bits
+        base = cand_ptr + g * m * bits
+        near_g = near_ptr + g * m
+        ok_g = ok_ptr + g * m
+        seed = tl.zeros([BB], dtype=tl.float32)
+        pick = tl.zeros([], dtype=tl.int64)
+        for j in range(0, c):
+            total = tl.zeros([], dtype=tl.int64)
+            for start in range(0, m, BM):
+                rows = start + tl.arange(0, BM)
+                mask = rows < m
+                if j > 0:  # the nearest seed so far, seed j − 1 included
+                    a = tl.load(
+                        base + rows[:, None] * bits + offs_b[None, :],
+                        mask=mask[:, None] & mask_b[None, :],
+                        other=0.0,
+                    ).to(tl.float32)
+                    dot = tl.sum(a * seed[None, :], axis=1)  # exact integers
+                    dist = ((bits - dot) * 0.5).to(tl.int32)
+                    near = tl.minimum(tl.load(near_g + rows, mask=mask, other=0), dist)
+                    tl.store(near_g + rows, near, mask=mask)
+                w = _seed_weights(near_g, ok_g, rows, mask, j == 0, HAS_OK)
+                total += tl.sum(w.to(tl.int64), axis=0)
+            target = (tl.load(draws_ptr + g * c + j) * total) >> 31
+            first = tl.zeros([], dtype=tl.int64)
+            running = tl.zeros([], dtype=tl.int64)
+            for start in range(0, m, BM):
+                rows = start + tl.arange(0, BM)
+                mask = rows < m
+                w = _seed_weights(near_g, ok_g, rows, mask, j == 0, HAS_OK).to(tl.int64)
+                sums = running + tl.cumsum(w, axis=0)
+                first += tl.sum(tl.where(mask & (sums <= target), 1, 0).to(tl.int64), axis=0)
+                running += tl.sum(w, axis=0)
+            pick = tl.where(total > 0, first, pick)
+            seed = tl.load(base + pick * bits + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+            tl.store(seeds_ptr + (g * c + j) * bits + offs_b, seed, mask=mask_b)
+
+
+SEED_META = {"BM": 256, "num_warps": 4}  # candidate rows per block of the seeding loops
+
+
+@torch.compiler.disable
+def seed_centroids_triton(
+    cand: torch.Tensor, ok: torch.Tensor | None, n_clusters: int, draws: torch.Tensor
+) -> torch.Tensor:
+    """k-means++ seeds (G, C, bits) float32, one program per group: the same picks as
+    ``seeding.seed_centroids_torch`` given the same candidates and draws."""
+    require_triton(cand.device, op="clustering")
+    g, m, bits = cand.shape
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"the triton kernel supports 1 <= bits <= {MAX_BITS}, got {bits}")
+    seeds = torch.empty(g, n_clusters, bits, device=cand.device)
+    if g == 0 or n_clusters == 0:
+        return seeds
+    near = torch.full((g, m), bits + 1, dtype=torch.int32, device=cand.device)
+    ok8 = near if ok is None else ok.to(torch.int8).contiguous()  # placeholder when None
+    _seed_kernel[(g,)](
+        cand.contiguous(), ok8, draws.contiguous(), seeds, near, m, n_clusters, bits,
+        HAS_OK=ok is not None, BB=max(16, next_power_of_2(bits)), **SEED_META,
+    )  # fmt: skip
+    return seeds
 
 
 def launch_meta(n_clusters: int, bits: int) -> dict[str, int]:
@@ -242,7 +338,7 @@ def check_assign_inputs(codes: torch.Tensor, centroids: torch.Tensor) -> None:
 
 def _check(codes: torch.Tensor, centroids: torch.Tensor) -> None:
     check_assign_inputs(codes, centroids)
-    require_triton(codes.device)
+    require_triton(codes.device, op="clustering")
     if not 1 <= codes.shape[-1] <= MAX_BITS:
         raise ValueError(
             f"the triton kernel supports 1 <= bits <= {MAX_BITS}, got {codes.shape[-1]}"

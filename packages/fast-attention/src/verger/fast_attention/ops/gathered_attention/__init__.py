@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from verger.fast_attention.ops._backend import pick_backend
+from verger.core.kernels import pick_backend
 from verger.fast_attention.ops.gathered_attention.reference import gathered_attention_reference
 from verger.fast_attention.ops.gathered_attention.triton import (
     MAX_DIM,
@@ -104,7 +104,7 @@ def gathered_attention(
             f"key_pos {tuple(key_pos.shape)} must match key_rows {tuple(key_rows.shape)}"
         )
     fits = key_rows.shape[-1] <= MAX_KEYS and max(q.shape[-1], v.shape[-1]) <= MAX_DIM
-    backend = pick_backend(backend, q.device, fits=fits)
+    backend = pick_backend(backend, q.device, op="gathered_attention", fits=fits)
     if backend == "torch":
         return gathered_attention_reference(q, k, v, key_rows, key_ok, scale, query_pos, key_pos)
     out = _GatheredAttention.apply(

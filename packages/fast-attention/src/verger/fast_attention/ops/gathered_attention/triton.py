@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from verger.core.kernels import next_power_of_2
-from verger.fast_attention.ops._backend import require_triton
+from verger.core.kernels import next_power_of_2, require_triton
 
 try:
     import triton
@@ -188,7 +187,7 @@ def launch_meta(
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_rows: torch.Tensor) -> None:
-    require_triton(q.device)
+    require_triton(q.device, op="gathered_attention")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"backend='triton' supports float32/float16/bfloat16, not {q.dtype}")
     if key_rows.shape[-1] > MAX_KEYS or max(q.shape[-1], v.shape[-1]) > MAX_DIM:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from verger.fast_attention.ops._backend import pick_backend
+from verger.core.kernels import pick_backend
 from verger.fast_attention.ops.rescaled_scan.reference import (
     NEG_INF,
     rescaled_prefix_reference,
@@ -72,6 +72,6 @@ def rescaled_prefix(
             f"{tuple(m.shape)}, {tuple(s.shape)}, {tuple(z.shape)}"
         )
     fits = s.dtype in (torch.float32, torch.float64)
-    if pick_backend(backend, s.device, fits=fits) == "torch":
+    if pick_backend(backend, s.device, op="rescaled_scan", fits=fits) == "torch":
         return rescaled_prefix_reference(m.detach(), s, z)
     return _RescaledPrefix.apply(m.detach(), s, z)  # type: ignore[no-any-return]

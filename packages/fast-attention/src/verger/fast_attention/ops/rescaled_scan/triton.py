@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from verger.fast_attention.ops._backend import require_triton
+from verger.core.kernels import require_triton
 
 try:
     import triton
@@ -107,7 +107,7 @@ if HAS_TRITON:
 
 
 def _check(*tensors: torch.Tensor) -> None:
-    require_triton(tensors[0].device)
+    require_triton(tensors[0].device, op="rescaled_scan")
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype for t in tensors):
         raise TypeError(
