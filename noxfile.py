@@ -171,7 +171,9 @@ LATEST = "tests_latest"  # the one session that ignores uv.lock
 def install(session: nox.Session, *args: str) -> None:
     """``session.install`` held to the versions uv.lock pins (tests_latest: the newest allowed)."""
     if session.name.startswith(LATEST):
-        session.install(*args)
+        # no config: the root pyproject's [tool.uv] constraint-dependencies (the lock's torch
+        # and Triton) would otherwise hold `uv pip install` to the locked versions too
+        session.install(*args, env={"UV_NO_CONFIG": "1"})
         return
     try:
         constraints = lock.export_constraints(ROOT, BUILD / "constraints.txt")

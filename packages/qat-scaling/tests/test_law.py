@@ -223,3 +223,20 @@ def test_loss_surface_plot_renders(tmp_path):
     plot_optimal_fractions(groups, a=3.0).savefig(tmp_path / "fractions.png")
     assert (tmp_path / "surface.png").stat().st_size > 10_000
     assert (tmp_path / "fractions.png").stat().st_size > 5_000
+
+
+def test_loss_surface_plot_draws_an_interval_that_excludes_the_estimate(tmp_path):
+    """A bootstrap percentile interval may lie wholly above (or below) the full-data estimate;
+    the plot used matplotlib's errorbar, which refuses the negative extent that gives."""
+    import dataclasses
+
+    from verger.qat_scaling.plots import plot_loss_surface
+
+    law = _true_law()
+    result = plan(law, memory_bytes=5e4, tokens=2e7, bits=(2, 4, 8))
+    above = (result.predicted_loss + 0.01, result.predicted_loss + 0.05)
+    best = dataclasses.replace(result.best, interval=above)
+    candidates = [best if c is result.best else c for c in result.candidates]
+    shifted = dataclasses.replace(result, best=best, candidates=candidates)
+    plot_loss_surface(law, shifted).savefig(tmp_path / "surface.png")
+    assert (tmp_path / "surface.png").stat().st_size > 10_000

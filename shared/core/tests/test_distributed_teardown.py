@@ -15,9 +15,14 @@ import pytest
 
 PARENT = textwrap.dedent(
     """
-    import os, sys, time
+    import faulthandler, os, signal, sys, time
     from pathlib import Path
     from verger.core.distributed import run_multiprocess
+
+    # Ctrl-C as in a terminal: a job started with `&` by a non-interactive shell (a CI script)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if the test finds it stuck
 
     def sleeper(folder):
         Path(folder, f"{os.getpid()}.pid").write_text("up")
@@ -64,7 +69,12 @@ def test_no_worker_survives_its_parent(tmp_path, sig) -> None:
         workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
         assert set(workers) <= set(marked_processes(marker))
         parent.send_signal(sig)
-        parent.wait(timeout=60)
+        try:
+            parent.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            parent.send_signal(signal.SIGUSR1)  # its stacks go to the captured stderr
+            time.sleep(2)
+            raise
         deadline = time.monotonic() + 30
         while marked_processes(marker) and time.monotonic() < deadline:
             time.sleep(0.2)

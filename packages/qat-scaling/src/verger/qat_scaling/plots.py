@@ -53,16 +53,11 @@ def plot_loss_surface(law: FittedLaw, chosen: Plan, *, title: str = "") -> Any:
         curves.plot(c.qat_fraction, c.predicted_loss, "o", color=line.get_color())
     curves.plot(chosen.qat_fraction, chosen.predicted_loss, "*", color="red", markersize=16)
     if chosen.interval is not None:
-        curves.errorbar(
-            chosen.qat_fraction,
-            chosen.predicted_loss,
-            yerr=[
-                [chosen.predicted_loss - chosen.interval[0]],
-                [chosen.interval[1] - chosen.predicted_loss],
-            ],
-            color="red",
-            capsize=4,
-        )
+        # drawn as is: a bootstrap percentile interval need not contain the full-data estimate
+        # (errorbar's yerr would then be negative, which matplotlib refuses)
+        low_end, high_end = chosen.interval
+        curves.vlines(chosen.qat_fraction, low_end, high_end, color="red")
+        curves.plot([chosen.qat_fraction] * 2, [low_end, high_end], "_", color="red", ms=10)
     curves.set_xlabel("QAT fraction f")
     curves.set_ylabel("predicted loss (nats)")
     curves.legend(fontsize=7)

@@ -44,6 +44,7 @@ It never sees argparse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -324,6 +325,7 @@ class PackageCLI:
             except RunFolderError as err:
                 print(f"{sub.prog}: error: {err}", file=sys.stderr)
                 return EXIT_USAGE
+            finished = False
             try:
                 with run:
                     set_threads(args.threads)
@@ -335,6 +337,7 @@ class PackageCLI:
                             "command returns a Report or a dict of metrics"
                         )
                     metrics = run.finish(result, title=f"{self.distribution} {cmd.name}")
+                finished = True
             except KeyboardInterrupt:
                 print(f"\ninterrupted; continue with --resume --out {folder}", file=sys.stderr)
                 return EXIT_INTERRUPTED
@@ -348,9 +351,28 @@ class PackageCLI:
                 if not debug:
                     print("(run again with --debug for the traceback)", file=sys.stderr)
                 return EXIT_FAILURE
+            finally:
+                _leave_process_group(wait=finished)
         if rank == 0:  # under torchrun, the other ranks leave the report to rank 0
             print(f"wrote {metrics}")
         return 0
+
+
+def _leave_process_group(*, wait: bool) -> None:
+    """Tear down a process group the command initialized (torchrun), after every rank is done.
+
+    Without it a rank that returns first exits while the others still talk to it, and gloo's
+    threads die in ``std::terminate`` (SIGABRT, torchrun reports the run failed). After a
+    failure no barrier: the other ranks may never reach it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
