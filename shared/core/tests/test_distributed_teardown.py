@@ -66,6 +66,7 @@ def test_no_worker_survives_its_parent(tmp_path, sig) -> None:
             assert time.monotonic() < deadline, "the workers did not start"
             assert parent.poll() is None, "the parent died early"
             time.sleep(0.2)
+        time.sleep(1.0)  # a worker writes its file before the launcher has its pid: let it
         workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
         assert set(workers) <= set(marked_processes(marker))
         parent.send_signal(sig)
