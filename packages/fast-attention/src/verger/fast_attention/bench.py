@@ -8,6 +8,7 @@ flash-linear-attention's ``chunk_linear_attn`` when that package is installed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -250,8 +251,9 @@ def bench_clustered_accuracy(
     clusters = (25, 100, 400) if quick else (25, 50, 100, 200, 400)
     topks = (8, 32, 128) if quick else (8, 16, 32, 64, 128)
     seeds = ACCURACY_SEEDS[:1] if quick else ACCURACY_SEEDS
+    sq, sk, sv = spec.sample(0)[:3]
     data = {
-        "structured queries": tuple(t.to(device) for t in spec.sample(0)[:3]),
+        "structured queries": (sq.to(device), sk.to(device), sv.to(device)),
         f"LM layer q, k, v (N {q.shape[2]}, H {q.shape[1]}, D {q.shape[3]})": (q, k, v),
     }
     fig, axes = new_figure(width=10.0, height=7.0)
@@ -515,10 +517,8 @@ def run_bench(settings: BenchSettings, run: Run) -> Report:
         )
         for n in settings.gpu_sizes:  # the causal clustered LM form (Triton gathered products)
             if n >= 8192:
-                sections.append(
-                    (f"causal clustered {n}",
-                     lambda n=n: bench_causal_clustered(report, n, device, repeats))
-                )  # fmt: skip
+                timed = functools.partial(bench_causal_clustered, report, n, device, repeats)
+                sections.append((f"causal clustered {n}", timed))
     else:
         sizes, n = list(settings.sizes), settings.long_n
         short, long = settings.generation_contexts
