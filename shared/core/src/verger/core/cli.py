@@ -365,14 +365,12 @@ def _leave_process_group(*, wait: bool) -> None:
     threads die in ``std::terminate`` (SIGABRT, torchrun reports the run failed). After a
     failure no barrier: the other ranks may never reach it.
     """
-    import torch.distributed as dist
+    from verger.core.distributed.env import barrier, destroy_distributed
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
     with contextlib.suppress(Exception):
         if wait:
-            dist.barrier()
-        dist.destroy_process_group()
+            barrier()
+        destroy_distributed()
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
