@@ -22,11 +22,17 @@ start=$(date +%s)
 
 if [ "${1:-}" = "--here" ]; then
   python=${PYTHON:-python3}
+  # shellcheck source=gpu-env.sh
+  source ci/gpu-env.sh  # the wheels ci/gpu-deps.sh brought (carry build/gpu-deps)
+  export VERGER_REQUIRE_GPU=1
   "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')" || exit 2
   full=$([ "${VERGER_QUICK:-1}" = "0" ] && echo --full || true)
   "$python" ci/here.py tests_gpu; tests_rc=$?
   "$python" ci/here.py bench $full; bench_rc=$?
   "$python" ci/here.py report
+  if [ -n "${OUT:-}" ]; then  # a leased machine returns only $OUT: the report and metrics in one file
+    tar czf "$OUT/gpu-check.tgz" build/report.md build/bench build/test-results 2>/dev/null
+  fi
 else
   # shellcheck source=env.sh
   source ci/env.sh

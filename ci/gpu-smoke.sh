@@ -14,9 +14,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-smoke}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=shared/core/src:packages/fast-attention/src${PYTHONPATH:+:$PYTHONPATH}
-# flash-linear-attention for the comparison: `bash ci/gpu-deps.sh` here, then carry build/gpu-deps.
-[ -d build/gpu-deps ] && export PYTHONPATH=$PYTHONPATH:$PWD/build/gpu-deps
+# Members from source; flash-linear-attention for the comparison: `bash ci/gpu-deps.sh` here,
+# then carry build/gpu-deps.
+source ci/gpu-env.sh
 py=${PYTHON:-python3}
 pytest_gpu() {
   "$py" -m pytest "$@" -m gpu -q -p no:cacheprovider -o addopts="--import-mode=importlib"
