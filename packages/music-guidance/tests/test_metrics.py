@@ -9,6 +9,7 @@ from verger.music_guidance.metrics import (
     frechet_distance,
     mel_distance,
     seam_mel_distance,
+    seam_mel_windows,
 )
 
 
@@ -68,6 +69,22 @@ def test_seam_distance_is_small_for_a_continuous_tone_and_large_for_a_jump():
     jump[4096:] = 0.5 * torch.sin(2 * torch.pi * 2000 * t[4096:])
     d = seam_mel_distance(torch.stack([tone, jump]).unsqueeze(1), 4096, sr)
     assert float(d[0]) < 0.05 and float(d[1]) > 1.0
+
+
+def test_seam_windows_see_only_their_own_side_of_the_seam():
+    sr, seam = 8000, 4096
+    t = torch.arange(8192) / sr
+    low = 0.3 * torch.sin(2 * torch.pi * 300 * t)
+    high = 0.3 * torch.sin(2 * torch.pi * 2500 * t)
+    spliced = torch.where(torch.arange(8192) < seam, low, high)
+    clips = torch.stack([spliced, low, high]).unsqueeze(1)
+    before, after = seam_mel_windows(clips, seam, sr)
+    # no frame of either window straddles the seam: each equals the unspliced tone's
+    assert torch.allclose(before[0], before[1], atol=1e-4)
+    assert torch.allclose(after[0], after[2], atol=1e-4)
+    assert torch.allclose(
+        seam_mel_distance(clips, seam, sr), (after - before).abs().mean(-1), atol=1e-6
+    )
 
 
 def test_classifier_kl_closed_form():

@@ -53,6 +53,7 @@ from verger.music_guidance.metrics import (
     frechet_distance,
     mel_distance,
     seam_mel_distance,
+    seam_mel_windows,
 )
 from verger.music_guidance.model import AudioDiffusion, DiffusionConfig, load_diffusion
 from verger.music_guidance.sampling import (
@@ -164,6 +165,7 @@ __all__ = [
     "run_task",
     "sample",
     "seam_mel_distance",
+    "seam_mel_windows",
     "style_classifier",
     "style_embedding",
     "train_autoencoder",

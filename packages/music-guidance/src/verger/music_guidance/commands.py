@@ -10,16 +10,15 @@ one rate); lengths are cut to a multiple the model accepts.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from verger.core.distributed import all_gather_object, destroy_distributed, init_distributed
+from verger.core.distributed import all_gather_object, init_distributed
 from verger.core.runs import Run
 from verger.music_guidance.audio import Audio, check_same_rate, read_audio, resample, write_wav
 from verger.music_guidance.classifier import load_classifier
@@ -58,21 +57,17 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[tuple[int, int, torch.device]]:
+def _process_group(device: torch.device) -> tuple[int, int, torch.device]:
     """``(rank, world, device)``: joins torchrun's process group (gloo on CPU, NCCL on CUDA,
-    each rank on ``cuda:LOCAL_RANK``) and leaves it after; outside torchrun, ``(0, 1, device)``."""
+    each rank on ``cuda:LOCAL_RANK``); outside torchrun, ``(0, 1, device)``. The group is left
+    by verger-core's CLI after the command (a barrier, then ``destroy_distributed``)."""
     info = init_distributed(
         "nccl" if device.type == "cuda" else "gloo",
         device=None if device.type == "cuda" else device,
     )
     if info.world_size == 1:
-        yield 0, 1, device
-        return
-    try:
-        yield info.rank, info.world_size, info.device
-    finally:
-        destroy_distributed()
+        return 0, 1, device
+    return info.rank, info.world_size, info.device
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
@@ -121,21 +116,21 @@ def run_train(settings: TrainSettings, run: Run) -> dict[str, float]:
         autoencoder_steps=s.autoencoder_steps,
         seed=run.seed,
     )
-    with _process_group(run.device) as (rank, world, device):
-        torch.manual_seed(run.seed)
-        model = AudioDiffusion(config)
-        start = time.perf_counter()
-        if model.is_latent:  # every rank trains the same autoencoder on the same batches
-            train_autoencoder(model, clips, train, device=device, show_progress=rank == 0)
-        result = train_diffusion(
-            model, clips, train, out_dir=run.folder, device=device, resume=run.resumed
-        )
-        seconds = time.perf_counter() - start
-        prints = [_fingerprint(result.model), _fingerprint(result.ema)]
-        every_rank = all_gather_object(prints) if world > 1 else [prints]
-        run.path("checkpoints"), run.path("logs"), run.path("model")
-        if rank == 0:
-            result.ema.save_pretrained(run.path("model"))
+    rank, world, device = _process_group(run.device)
+    torch.manual_seed(run.seed)
+    model = AudioDiffusion(config)
+    start = time.perf_counter()
+    if model.is_latent:  # every rank trains the same autoencoder on the same batches
+        train_autoencoder(model, clips, train, device=device, show_progress=rank == 0)
+    result = train_diffusion(
+        model, clips, train, out_dir=run.folder, device=device, resume=run.resumed
+    )
+    seconds = time.perf_counter() - start
+    prints = [_fingerprint(result.model), _fingerprint(result.ema)]
+    every_rank = all_gather_object(prints) if world > 1 else [prints]
+    run.path("checkpoints"), run.path("logs"), run.path("model")
+    if rank == 0:
+        result.ema.save_pretrained(run.path("model"))
     return {
         "model_parameters": model.num_parameters(),
         "train_clips": int(clips.shape[0]),

@@ -7,7 +7,11 @@ unguided one (guidance terms removed, everything else equal):
 - ``infill_observed_l1_ratio_guided_vs_unguided``: mean |x - y| on the observed samples (no
   projection), the middle quarter of each validation clip to fill;
 - ``continuation_seam_mel_distance_ratio_guided_vs_unguided``: the prompt (first half) spliced
-  before each output, then :func:`~verger.music_guidance.metrics.seam_mel_distance`;
+  before each output, then :func:`~verger.music_guidance.metrics.seam_mel_distance`; with
+  diagnostics: the same clip's real second half (``..._real``, and its ratio to unguided: what
+  a perfect continuation scores), how far each raw output's prompt region is from the prompt
+  in the before-window (``continuation_prompt_window_mel_distance_*``), and how much guidance
+  changes the after-window (``continuation_after_seam_mel_change_guided_vs_unguided``);
 - ``style_kl_ratio_guided_vs_unguided``: KL(one-hot target || p) under the *evaluation*
   classifier, for samples guided by the separate *guidance* classifier, every class in turn;
 - ``guided_step_time_ratio``: median time of a guided sampler step (L1 guidance, gradient
@@ -30,7 +34,12 @@ from verger.core.runs import Run
 from verger.music_guidance.audio import Audio, write_wav
 from verger.music_guidance.config import BenchSettings, DemoSettings
 from verger.music_guidance.guidance import MaskedL1
-from verger.music_guidance.metrics import classifier_kl, fad, seam_mel_distance
+from verger.music_guidance.metrics import (
+    classifier_kl,
+    fad,
+    seam_mel_distance,
+    seam_mel_windows,
+)
 from verger.music_guidance.model import AudioDiffusion
 from verger.music_guidance.plots import spectrogram_figure
 from verger.music_guidance.sampling import SamplerSettings, denoise_step, sample
@@ -121,18 +130,35 @@ def _infill_l1(
 
 def _continuation_seam(
     model: AudioDiffusion, clip: Tensor, s: BenchSettings | DemoSettings, seed: int, batch: int
-) -> tuple[float, float, Tensor, Tensor]:
+) -> tuple[float, float, Tensor, Tensor, dict[str, float]]:
+    """Seam distances guided / unguided, the two outputs, and the diagnostics of the seam:
+    the real continuation's distance (the clip itself), how far each raw output's own prompt
+    region is from the prompt in the before-window, and how much guidance changes the
+    after-window (the only part the metric sees that guidance does not constrain)."""
     n = clip.shape[-1]
     seam = n // 2
     prompt = Audio(clip[:, :seam], model.sample_rate)
     task = continuation(model, prompt, n)
-    outs = []
+    sr = model.sample_rate
+    real_before, real_after = seam_mel_windows(clip.unsqueeze(0), seam, sr)
+    outs, own_before, after = [], [], []
     for t in (task, _unguided(task)):
         out = run_task(model, t, batch_size=batch, settings=_settings(s, s.xi_l1), seed=seed)
+        before_raw, after_raw = seam_mel_windows(out, seam, sr)
+        own_before.append(float((before_raw - real_before).abs().mean()))
+        after.append(after_raw)
         out[..., :seam] = prompt.waveform.to(out)  # the prompt as the listener hears it
         outs.append(out)
-    dist = [float(seam_mel_distance(o, seam, model.sample_rate).mean()) for o in outs]
-    return dist[0], dist[1], outs[0], outs[1]
+    dist = [float(seam_mel_distance(o, seam, sr).mean()) for o in outs]
+    extras = {
+        "continuation_seam_mel_distance_real": float((real_after - real_before).abs().mean()),
+        "continuation_prompt_window_mel_distance_guided": own_before[0],
+        "continuation_prompt_window_mel_distance_unguided": own_before[1],
+        "continuation_after_seam_mel_change_guided_vs_unguided": float(
+            (after[0] - after[1]).abs().mean()
+        ),
+    }
+    return dist[0], dist[1], outs[0], outs[1], extras
 
 
 def _style_kl(
@@ -188,19 +214,26 @@ def run_bench(settings: BenchSettings, run: Run) -> Report:
     report = run.report("verger-music-guidance bench")
     metrics: dict[str, float] = {}
     infill_g, infill_u, seam_g, seam_u, kl_g, kl_u = [], [], [], [], [], []
+    seam_extras: dict[str, float] = {}
     for seed in range(s.seeds):
         clips = _references(assets, 2, seed)
         a, b, _, _ = _infill_l1(model, clips[0], s, seed, s.batch)
         infill_g.append(a)
         infill_u.append(b)
-        a, b, _, _ = _continuation_seam(model, clips[1], s, seed, s.batch)
+        a, b, _, _, extras = _continuation_seam(model, clips[1], s, seed, s.batch)
         seam_g.append(a)
         seam_u.append(b)
+        for key, value in extras.items():
+            seam_extras[key] = seam_extras.get(key, 0.0) + value / s.seeds
         a, b, _ = _style_kl(assets, s, seed, s.batch)
         kl_g.append(a)
         kl_u.append(b)
     metrics.update(_ratio_rows("infill_observed_l1", infill_g, infill_u))
     metrics.update(_ratio_rows("continuation_seam_mel_distance", seam_g, seam_u))
+    metrics.update(seam_extras)
+    metrics["continuation_seam_mel_distance_ratio_real_vs_unguided"] = (
+        seam_extras["continuation_seam_mel_distance_real"] * s.seeds / sum(seam_u)
+    )
     metrics.update(_ratio_rows("style_kl", kl_g, kl_u))
     guided_s, plain_s = _step_times(model, s, s.batch)
     metrics["guided_step_time_ratio"] = guided_s / plain_s
@@ -293,7 +326,9 @@ def run_demo(settings: DemoSettings, run: Run) -> Report:
         ),
     )
 
-    a, b, guided, plain = _continuation_seam(model, clips[1], s, run.seed, 1)
+    a, b, guided, plain, extras = _continuation_seam(model, clips[1], s, run.seed, 1)
+    for key, value in extras.items():
+        report.metric(key, value)
     report.metric("continuation_seam_mel_distance_guided", a)
     report.metric("continuation_seam_mel_distance_unguided", b)
     report.metric("continuation_seam_mel_distance_ratio_guided_vs_unguided", a / b)

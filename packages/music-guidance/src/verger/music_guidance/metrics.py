@@ -5,7 +5,8 @@
 - :func:`mel_distance`: mean |log-mel(a) - log-mel(b)| over the frames centred on observed
   samples (the paper's mel reconstruction distance on the observed regions).
 - :func:`seam_mel_distance`: |mean log-mel of the frames after a seam - of the frames
-  before it|: how abruptly the spectrum changes where a continuation starts.
+  before it|: how abruptly the spectrum changes where a continuation starts
+  (:func:`seam_mel_windows` gives the two windows).
 - :func:`classifier_kl`: mean KL(target || classifier(sample)).
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "frechet_distance",
     "mel_distance",
     "seam_mel_distance",
+    "seam_mel_windows",
 ]
 
 
@@ -109,6 +111,30 @@ def mel_distance(
     return float(diff[..., keep].mean())
 
 
+def seam_mel_windows(
+    audio: Tensor,
+    seam: int,
+    sample_rate: int,
+    *,
+    window: int = 4,
+    n_fft: int = 256,
+    hop: int = 64,
+    n_mels: int = 48,
+) -> tuple[Tensor, Tensor]:
+    """``(before, after)`` ``[B, n_mels]``: the mean log-mel of the ``window`` frames just
+    before ``seam`` and just after it, frames whose FFT window straddles the seam excluded
+    (the after-window starts ``n_fft // 2`` samples past the seam). ``audio`` is [B, C, T]."""
+    integer("window", window, at_least=1)
+    mel = log_mel(audio.float().mean(1), sample_rate, n_fft=n_fft, hop=hop, n_mels=n_mels)
+    reach = n_fft // (2 * hop)  # frames whose window touches the seam
+    centre = seam // hop
+    before = mel[..., max(0, centre - reach - window) : centre - reach]
+    after = mel[..., centre + reach + 1 : centre + reach + 1 + window]
+    if before.shape[-1] == 0 or after.shape[-1] == 0:
+        raise ValueError(f"seam={seam} is too close to an end for window={window}")
+    return before.mean(-1), after.mean(-1)
+
+
 def seam_mel_distance(
     audio: Tensor,
     seam: int,
@@ -120,16 +146,11 @@ def seam_mel_distance(
     n_mels: int = 48,
 ) -> Tensor:
     """Per clip: mean over mel bands of |mean log-mel of ``window`` frames after ``seam`` -
-    the same before it| (frames straddling the seam excluded). ``audio`` is [B, C, T]."""
-    integer("window", window, at_least=1)
-    mel = log_mel(audio.float().mean(1), sample_rate, n_fft=n_fft, hop=hop, n_mels=n_mels)
-    reach = n_fft // (2 * hop)  # frames whose window touches the seam
-    centre = seam // hop
-    before = mel[..., max(0, centre - reach - window) : centre - reach]
-    after = mel[..., centre + reach + 1 : centre + reach + 1 + window]
-    if before.shape[-1] == 0 or after.shape[-1] == 0:
-        raise ValueError(f"seam={seam} is too close to an end for window={window}")
-    return (after.mean(-1) - before.mean(-1)).abs().mean(-1)
+    the same before it| (see :func:`seam_mel_windows`). ``audio`` is [B, C, T]."""
+    before, after = seam_mel_windows(
+        audio, seam, sample_rate, window=window, n_fft=n_fft, hop=hop, n_mels=n_mels
+    )
+    return (after - before).abs().mean(-1)
 
 
 def classifier_kl(probabilities: Tensor, target: Tensor, *, eps: float = 1e-8) -> float:

@@ -1,16 +1,24 @@
 """``bench``: the issue's metrics, measured in one run (``metrics.json`` keys in the README).
 
-One sweep on the embedded corpus (fused and unfused schedules, full-precision baselines
-trained on the same tokens with the same optimizer, warmup and cooldown as the QAT runs),
-then: QAT vs FP and fused vs unfused losses, the law fitted without the largest budget and
-tested on it, the optimal-fraction error, the compute the shared FP prefix saves; the step
-time of QAT over FP on the same model and batch; the packed 4-bit size; on a GPU, the fused
-Triton fake-quant kernel against its reference and the torch path.
+Two sweeps on the embedded corpus sharing their FP trunks: unfused QAT runs and
+full-precision baselines (same tokens, optimizer, warmup and cooldown as the QAT runs) at
+every budget and seed, for the law; fused 4-bit runs at the largest budget, for the
+fusion metric. Then: QAT vs FP and fused vs unfused losses, the law fitted without the largest
+budget and tested on it, the optimal-fraction error (losses averaged over seeds), the
+compute the shared FP prefix saves; the step time of QAT over FP on the same model and
+batch; the packed 4-bit size (and per model size); on a GPU, the fused Triton fake-quant
+kernel against its reference and the torch path.
+
+Why four budgets and two seeds: the law's Chinchilla part E + B_D / D^beta has three
+constants, so three fitted budgets are the fewest that identify it (with two, beta runs to
+its bound and the held-out loss was off by 0.15 nats); the loss differences between QAT
+fractions are a few hundredths of a nat, the size of one seed's run-to-run noise.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +40,7 @@ from verger.qat_scaling.models import SIZES, build_model
 from verger.qat_scaling.ops.fake_quant import Backend, fake_quant, fake_quant_reference, level_spec
 from verger.qat_scaling.prepare import enable_fake_quant, prepare, set_backend
 from verger.qat_scaling.settings import BIT_NAMES, GridSettings
+from verger.qat_scaling.sweep import SweepConfig, compute_plan
 from verger.qat_scaling.training import add_quantizers, make_optimizer
 
 
@@ -46,16 +55,21 @@ class BenchSettings(GridSettings):
         help="QAT fractions f",
     )  # fmt: skip
     tokens: tuple[int, ...] = option(
-        (102_400, 204_800, 409_600), quick=(16_384, 32_768, 65_536), at_least=1,
+        (51_200, 102_400, 204_800, 409_600), quick=(16_384, 24_576, 32_768, 65_536), at_least=1,
         help="training tokens per run (the largest is held out of the law's fit)",
     )  # fmt: skip
-    schedule: Literal["unfused", "fused", "both"] = option("both", help="schedules to run (both for the fusion metric)")  # fmt: skip
+    schedule: Literal["unfused", "fused", "both"] = option(
+        "both", help="schedules to run (both: unfused at every budget, fused at the largest)"
+    )  # fmt: skip
+    seeds: int = option(2, quick=1, at_least=1, help="seeds per run (--seed, --seed + 1, ...)")
     workers: int = option(2, at_least=1, identity=False, help="local processes (one per GPU on CUDA)")  # fmt: skip
     starts: int = option(12, quick=6, at_least=1, help="law fit starts")
     bootstrap: int = option(30, quick=0, at_least=0, help="bootstrap refits for intervals")
     timing_size: str = option(
-        "l", quick="s", choices=tuple(SIZES),
-        help="model whose training step is timed and whose 4-bit weights are packed",
+        "l", quick="s", choices=tuple(SIZES), help="model whose training step is timed"
+    )  # fmt: skip
+    packing_size: str = option(
+        "l", choices=tuple(SIZES), help="model whose 4-bit weights are packed (no training)"
     )  # fmt: skip
     repeats: int = option(30, quick=10, at_least=3, identity=False, help="timed steps per candidate")  # fmt: skip
 
@@ -156,14 +170,22 @@ def step_time_ratio(settings: BenchSettings, device: torch.device, repeats: int)
     return out
 
 
-def packed_ratio(settings: BenchSettings) -> dict[str, float]:
-    """(packed 4-bit codes + scales) / fp32 bytes of the quantized layers of the timed model."""
-    model = build_model(settings.timing_size, vocab_size=257, seq_len=settings.seq_len, seed=0)
+def packed_sizes(settings: BenchSettings, size: str) -> dict[str, float]:
+    """4-bit storage of model ``size``'s quantized layers: packed codes + scales (``bytes``)
+    and their ratio to the fp32 bytes (``ratio``). Per-channel fp32 scales add 32 / inputs
+    bits per weight (0.67 at 48 inputs, 0.33 at 96), so the ratio depends on the widths."""
+    model = build_model(size, vocab_size=257, seq_len=settings.seq_len, seed=0)
     prepare(model, QuantConfig(bits=4, group_size=settings.group_size))
     enable_fake_quant(model, True)
     report = storage_report(convert(model))
-    ratio = (report["packed_bytes"] + report["scale_bytes"]) / report["fp32_bytes"]
-    return {"packed_weight_bytes_ratio_4bit": ratio, "packed_weight_bytes_4bit": report["packed_bytes"] + report["scale_bytes"]}  # fmt: skip
+    stored = report["packed_bytes"] + report["scale_bytes"]
+    return {"bytes": stored, "ratio": stored / report["fp32_bytes"]}
+
+
+def packed_ratio(settings: BenchSettings) -> dict[str, float]:
+    """(packed 4-bit codes + scales) / fp32 bytes of the quantized layers of ``packing_size``."""
+    out = packed_sizes(settings, settings.packing_size)
+    return {"packed_weight_bytes_ratio_4bit": out["ratio"], "packed_weight_bytes_4bit": out["bytes"]}  # fmt: skip
 
 
 def kernel_check(device: torch.device, repeats: int) -> dict[str, float]:
@@ -208,14 +230,29 @@ def kernel_check(device: torch.device, repeats: int) -> dict[str, float]:
     return out
 
 
+def bench_grids(settings: BenchSettings, seed: int) -> list[SweepConfig]:
+    """The sweeps of the bench, sharing one folder and its FP trunks. With ``schedule="both"``:
+    the law's grid (unfused and FP runs at every budget) and the fusion grid (fused 4-bit runs
+    at the largest budget only: what the fusion metrics read)."""
+    config = settings.sweep_config(seed)
+    if settings.schedule != "both":
+        return [config]
+    law = dataclasses.replace(config, fused=(False,))
+    fusion = dataclasses.replace(
+        config, fused=(True,), bits=(4,), tokens=(max(config.tokens),), fp_baselines=False
+    )
+    return [law, fusion]
+
+
 def run_bench(settings: BenchSettings, run: Run) -> Report:
-    """The sweep and the measurements above, into one report."""
-    result = sweep_in_run(settings, run)
-    records = result.records
+    """The sweeps and the measurements above, into one report."""
+    grids = bench_grids(settings, run.seed)
+    records = [r for grid in grids for r in sweep_in_run(settings, run, config=grid).records]
+    compute = compute_plan(grids[0], [spec for grid in grids for spec in grid.runs()])
     report = run.report("verger-qat-scaling bench")
     top = _largest_budget(records)
     report.metrics_from(loss_ratios(records, top))
-    report.metric("sweep_fp_prefix_compute_saving", result.compute.saving)
+    report.metric("sweep_fp_prefix_compute_saving", compute.saving)
     budgets = sorted({int(r["tokens"]) for r in records})
     heldout = (top,) if len(budgets) > 1 else ()
     unfused = [r for r in records if not r["fused"]]
@@ -247,13 +284,19 @@ def run_bench(settings: BenchSettings, run: Run) -> Report:
         baseline="fp",
     )
     report.metrics_from(packed_ratio(settings))
+    report.table(
+        "4-bit storage by model size (packed codes + fp32 scales over fp32 weights)",
+        [{"size": size, **packed_sizes(settings, size)} for size in SIZES],
+    )
     if run.device.type == "cuda":
         report.metrics_from(kernel_check(run.device, settings.repeats))
     report.metric("torch_num_threads", torch.get_num_threads())
     loss_vs_fraction_plot(records, report)
     report.text(
-        f"Tokens per run: {budgets}; the law is fitted on the unfused and FP runs of the budgets "
-        f"below {top} and tested on {top} (`law_heldout_rmse`, `optimal_fraction_grid_error`). "
-        "The FP baselines train on the same tokens, optimizer, warmup and cooldown as the QAT runs."
+        f"Tokens per run: {budgets}; seeds: {settings.seeds}. The law is fitted on the unfused "
+        f"and FP runs of the budgets below {top} and tested on {top} (`law_heldout_rmse`, "
+        "`optimal_fraction_grid_error`; the measured optimum is the best fraction of the "
+        "seed-averaged losses). Fused runs: 4 bits at the largest budget only. The FP baselines train on "
+        "the same tokens, optimizer, warmup and cooldown as the QAT runs."
     )
     return report

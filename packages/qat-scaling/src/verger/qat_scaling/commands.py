@@ -25,14 +25,19 @@ from verger.qat_scaling.planner import Plan, plan
 from verger.qat_scaling.plots import plot_loss_surface, plot_optimal_fractions
 from verger.qat_scaling.records import read_records
 from verger.qat_scaling.settings import FitSettings, GridSettings, PlanSettings, parse_bits
-from verger.qat_scaling.sweep import RUNS_FILE, SETTINGS_FILE, SweepResult, run_sweep
+from verger.qat_scaling.sweep import RUNS_FILE, SETTINGS_FILE, SweepConfig, SweepResult, run_sweep
 
 
 # ---------------------------------------------------------------------- sweep
 def sweep_in_run(
-    settings: GridSettings, run: Run, *, show_progress: bool | None = None
+    settings: GridSettings,
+    run: Run,
+    *,
+    show_progress: bool | None = None,
+    config: SweepConfig | None = None,
 ) -> SweepResult:
-    """Run the grid of ``settings`` in the run folder (its entries recorded by the run)."""
+    """Run the grid of ``settings`` (or ``config``, a grid with the same training settings)
+    in the run folder (its entries recorded by the run)."""
     for name in (SETTINGS_FILE, RUNS_FILE, "trunks", "runs", ".sweep.lock"):
         run.path(name)
     devices = None
@@ -42,7 +47,7 @@ def sweep_in_run(
         devices = [f"cuda:{i}" for i in range(min(workers, count))]
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else torch.get_num_threads()
     return run_sweep(
-        settings.sweep_config(run.seed), run.folder, workers=workers, devices=devices,
+        config or settings.sweep_config(run.seed), run.folder, workers=workers, devices=devices,
         device=run.device, threads=threads, show_progress=show_progress,
     )  # fmt: skip
 
@@ -121,6 +126,14 @@ def fit_sections(
         raise ValueError(f"heldout_tokens={tuple(heldout_tokens)} match no record's tokens")
     law = fit_law(train, starts=starts, bootstrap=bootstrap, seed=seed)
     report.metric("law_records", law.n_points)
+    fitted_budgets = len({int(r["tokens"]) for r in train})
+    report.metric("law_fitted_budgets", fitted_budgets)
+    if fitted_budgets < 3:
+        report.text(
+            f"The law is fitted on {fitted_budgets} token budget(s): its Chinchilla part "
+            "E + B_D / D^beta has three constants, so its extrapolation in D is not identified "
+            "(fit three budgets or more before trusting predictions at other budgets)."
+        )
     report.metric("law_free_parameters", sum(law.free.values()))
     report.metric("law_train_rmse", prediction_errors(law, train)["rmse"])
     if heldout:

@@ -26,7 +26,9 @@ Choices we had to make (the paper's fitted values and some details are not publi
   logarithms, exponents bounded (``BOUNDS``), L-BFGS-B from the best of many random
   starts (screened by their objective); the best fit is kept. Parameters the records cannot identify are held at 0 (coefficient
   terms dropped): one model size -> A, alpha, psi, nu; one token budget -> B_D, beta
-  (unless the FP runs alone span several); one bit width -> kappa, chi, mu.
+  (unless the FP runs alone span several); one bit width -> kappa, chi, mu. Two budgets
+  leave E, B_D and beta free but not identified (three constants, two budgets): beta then
+  runs to its bound and the law extrapolates badly in D; fit three budgets or more.
 - The law's f* (and so the planner) is searched within the QAT fractions the fit saw
   (``FittedLaw.f_range``): outside them the penalty terms are extrapolations.
 - Uncertainty: bootstrap over records (refits from the best parameters), percentile
