@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from verger.core.kernels.resources import KernelConfig, kernel_resources, ptxas_available
+from verger.fast_attention.ops import clustering
 from verger.fast_attention.ops.clustering import (
     hamming_assign,
     hamming_kmeans,
@@ -82,6 +83,19 @@ def test_kmeans_triton_equals_torch(padded):
     assert torch.equal(a_t, a_k) and torch.equal(c_t, c_k)
     dist = _popcount(codes, c_k)
     assert torch.equal(a_k, dist.argmin(-1))
+
+
+@needs_triton
+def test_kmeans_fitted_on_a_sample_equals_on_both_backends(monkeypatch):
+    # groups longer than lloyd_rows(C) fit on a sample (here 80 of 300 rows), then assign all
+    monkeypatch.setattr(clustering, "lloyd_rows", lambda c: 8 * c)
+    codes = _codes(3, 300, 63, seed=4)
+    valid = torch.rand(3, 300, generator=torch.Generator().manual_seed(4)) > 0.3
+    for v in (None, valid):
+        a_t, c_t = hamming_kmeans(codes, 10, 5, valid=v, backend="torch", generator=_gen())
+        a_k, c_k = hamming_kmeans(codes, 10, 5, valid=v, backend="triton", generator=_gen())
+        assert torch.equal(a_k, a_t) and torch.equal(c_k, c_t)
+        assert torch.equal(a_t, _popcount(codes, c_t).argmin(-1))
 
 
 @needs_triton

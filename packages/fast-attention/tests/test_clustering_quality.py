@@ -19,7 +19,13 @@ from verger.fast_attention.clustered_accuracy import (
     relative_error,
     save_qkv,
 )
-from verger.fast_attention.ops.clustering import hamming_kmeans, hash_codes, seed_centroids
+from verger.fast_attention.ops import clustering
+from verger.fast_attention.ops.clustering import (
+    hamming_assign,
+    hamming_kmeans,
+    hash_codes,
+    seed_centroids,
+)
 from verger.fast_attention.ops.clustering import triton as kernels
 from verger.fast_attention.ops.clustering.reference import kmeans_reference
 from verger.fast_attention.ops.clustering.seeding import (
@@ -102,6 +108,22 @@ def test_kmeans_recovers_well_separated_clusters(seed):
         assert _same_partition(assign[0, h], labels[0, h]), f"head {h}"
         dense, _ = kmeans_reference(q[0, h], 8, 10, _gen(seed))
         assert _same_partition(dense, labels[0, h]), f"dense reference, head {h}"
+
+
+def test_kmeans_fitted_on_a_sample_recovers_well_separated_clusters(monkeypatch):
+    # Long groups fit the centroids on lloyd_rows(C) rows spread over the sequence, then
+    # assign every row: here 120 of 600 (15 per cluster), with padding holes in one head.
+    monkeypatch.setattr(clustering, "lloyd_rows", lambda c: 15 * c)
+    q, _, _, labels = _separated(seed=5)
+    valid = torch.ones(2, 600, dtype=torch.bool)
+    valid[1, 100:180] = False
+    codes = hash_codes(q[0], 63, valid=valid, generator=_gen(5))
+    for v in (None, valid):
+        assign, centroids = hamming_kmeans(codes, 8, 10, valid=v, generator=_gen(6))
+        assert torch.equal(assign, hamming_assign(codes, centroids))  # every row: nearest
+        for h in range(q.shape[1]):
+            keep = slice(None) if v is None else v[h]
+            assert _same_partition(assign[h][keep], labels[0, h][keep]), f"head {h}"
 
 
 @needs_triton

@@ -66,12 +66,18 @@ def cluster_queries(
 def _centroids(
     q3: torch.Tensor, assign: torch.Tensor, clusters: int, valid: torch.Tensor | None
 ) -> torch.Tensor:
-    w = torch.ones_like(q3[..., :1]) if valid is None else valid[..., None].to(q3.dtype)
-    counts = torch.zeros(q3.shape[0], clusters, 1, dtype=q3.dtype, device=q3.device)
-    counts.scatter_add_(1, assign[..., None], w)
-    sums = torch.zeros(q3.shape[0], clusters, q3.shape[-1], dtype=q3.dtype, device=q3.device)
-    sums = sums.scatter_add(1, assign[..., None].expand_as(q3), q3 * w)
-    return sums / counts.clamp_min(1.0)
+    """Mean query (G, C, D) of each cluster over its valid members (zero for an empty one).
+
+    Whole-row ``index_add`` over the flattened groups, padded queries sent to a spare row
+    that is dropped: ~4x faster on CPU than a ``scatter_add`` whose index is expanded over D
+    and than weighting the rows by the mask (PERFORMANCE.md)."""
+    g, n, d = q3.shape
+    flat = _flat_rows(assign, clusters).reshape(-1)
+    if valid is not None:
+        flat = torch.where(valid.reshape(-1), flat, g * clusters)
+    sums = q3.new_zeros(g * clusters + 1, d).index_add(0, flat, q3.reshape(g * n, d))
+    counts = q3.new_zeros(g * clusters + 1).index_add_(0, flat, q3.new_ones(g * n))
+    return (sums[:-1] / counts[:-1].clamp_min(1.0)[:, None]).view(g, clusters, d)
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

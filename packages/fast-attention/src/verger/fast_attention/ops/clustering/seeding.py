@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["seed_candidates", "seed_centroids_torch", "seed_draws", "seed_rows"]
+__all__ = ["lloyd_rows", "seed_candidates", "seed_centroids_torch", "seed_draws", "seed_rows"]
 
 SEED_ROWS_PER_CLUSTER = 8  # candidates per cluster (a longer sequence is sampled evenly)
 MIN_SEED_ROWS = 256
+LLOYD_ROWS_PER_CLUSTER = 32  # rows Lloyd's iterations fit on, per cluster (see lloyd_rows)
+MIN_LLOYD_ROWS = 4096
 DRAW_BITS = 31  # r_j in [0, 2**31): r_j * total stays in int64 for totals below 2**32
 
 
@@ -41,6 +43,14 @@ def seed_rows(n_clusters: int) -> int:
     O(rows) per seed, so O(C²) in all; 8 per cluster find the clusters that all rows find
     (PERFORMANCE.md)."""
     return max(MIN_SEED_ROWS, SEED_ROWS_PER_CLUSTER * n_clusters)
+
+
+def lloyd_rows(n_clusters: int) -> int:
+    """How many rows per group Lloyd's iterations fit the centroids on (at most): longer
+    sequences are sampled evenly, then every row is assigned to the fitted centroids once.
+    ``LLOYD_ROWS_PER_CLUSTER`` members per cluster fix a majority vote per bit as well as all
+    rows do (PERFORMANCE.md), at a fraction of the iterations' cost at long sequences."""
+    return max(MIN_LLOYD_ROWS, LLOYD_ROWS_PER_CLUSTER * n_clusters)
 
 
 def seed_candidates(
