@@ -91,7 +91,7 @@ class SoupOptions(DataOptions):
     """The soup, its meta-distribution and its training (also the baselines' training)."""
 
     size: str = option("nano", choices=SIZES, help="the instantiated model's size")
-    n_experts: int = option(8, quick=4, at_least=1, help="experts in the soup")
+    n_experts: int = option(4, at_least=1, help="experts in the soup")
     expert_rank: int | None = option(None, at_least=1, help="rank of low-rank experts (none: full)")
     coefficient_hidden: int = option(64, at_least=1, help="width of the coefficient MLP")
     support_size: int = option(1, at_least=1, help="smallest support of a training h")
@@ -99,8 +99,8 @@ class SoupOptions(DataOptions):
         8, quick=6, at_least=1, help="largest support of a training h (none: support_size)"
     )
     concentration: float = option(1.0, above=0.0, help="Dirichlet concentration on the support")
-    groups: int = option(4, quick=2, at_least=1, help="mixtures (h) per optimizer step")
-    steps: int = option(2000, quick=120, at_least=2, help="optimizer steps of every model")
+    groups: int = option(4, at_least=1, help="mixtures (h) per optimizer step")
+    steps: int = option(1000, quick=120, at_least=2, help="optimizer steps of every model")
     batch_size: int = option(32, at_least=1, help="windows per step")
     lr: float = option(1e-2, above=0.0, help="peak learning rate (AdamW, cosine)")
     warmup_steps: int = option(50, quick=10, at_least=0, help="linear warm-up steps")
