@@ -1,17 +1,22 @@
 """``bench``: the mixture against the dense baseline at equal per-expert size and total tokens.
 
-For each seed (and each learning rate of ``lrs``: the same tuning grid for both models) the
-whole pipeline builds a mixture with its dense baseline in ``<out>/seed-S[-lr-X]``; the
-figures are means over seeds (with their spread and per-seed values) of the best learning
-rate of each model, picked on validation perplexity. Tokens per parameter sit beside every
-ratio: the miniature only shows the paper's claim once the tiny models are trained far past
-saturation. Then the balanced assignment itself: the greedy rule's and the fast solver's
-gaps against the exact optimum on the run's real router scores, and both at a million rows.
+The held-out text is cut in two halves (:func:`~verger.smalltalk.data.heldout_halves`).
+On the first seed, a mixture with its dense baseline is built per learning rate of ``lrs``
+(``<out>/tune-lr-X``, one EM run shared); each model's rate is picked on the tuning half.
+The other seeds are built at the picked rates (``<out>/seed-S``), and every reported figure
+is on the test half: means over seeds with their spread and per-seed values. Then the curve:
+the first seed again at shorter expert budgets (``<out>/curve-steps-N``), the gap against
+tokens per parameter, beside train perplexities (how much the repeated epochs overfit). The
+paper's gain needs experts limited by their capacity rather than by their tokens: tiny
+models far past saturation. Last, the balanced assignment itself (the greedy rule's and the
+fast solver's gaps against the exact optimum on the run's router scores, and both at a
+million rows) and the measured inference cost.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,11 +32,11 @@ from verger.core.runs import Run
 from verger.core.settings import option
 from verger.smalltalk.assign import solve_balanced
 from verger.smalltalk.config import SmallTalkConfig
-from verger.smalltalk.data import DATA_DIR, SequenceSet
+from verger.smalltalk.data import DATA_DIR, SequenceSet, heldout_halves
 from verger.smalltalk.evaluation import EvalResult, add_to_report, evaluate
 from verger.smalltalk.experts import load_expert
 from verger.smalltalk.model import SmallTalkLM, sequence_losses
-from verger.smalltalk.pipeline import build_mixture
+from verger.smalltalk.pipeline import build_mixture, train_all_experts
 from verger.smalltalk.sharding import load_shard_index
 
 TARGETS = {  # metric: (comparison, bound) from the issue
@@ -48,19 +53,35 @@ SPREAD = (
     "routing_purity_by_domain",
     "ppl_mixture",
     "ppl_dense",
+    "dense_train_ppl",
+    "expert_train_ppl",
 )
 
 
 @dataclass(kw_only=True)
 class BenchSettings(SmallTalkConfig):
-    """``bench``: the recipe at bench scale, the seeds and the learning-rate grid."""
+    """``bench``: the recipe at bench scale, the seeds, the learning-rate grid and the curve.
 
-    seq_len: int = option(128, quick=64, at_least=2, help="tokens per sequence")
-    expert_steps: int = option(6000, quick=300, at_least=1, help="optimizer steps per expert")
-    batch_size: int = option(32, quick=16, at_least=1, help="sequences per step")
-    warmup_steps: int = option(200, quick=20, at_least=0, help="linear warmup steps")
-    em_rounds: int = option(10, quick=4, at_least=1, help="EM rounds")
-    em_steps_per_round: int = option(80, quick=30, at_least=1, help="router steps per round")
+    The default regime is chosen so that the claim can show at all on a CPU: experts (and
+    the dense model) of 7.5k parameters trained to about 550 tokens per parameter each
+    (the dense model to 2200), where a model of that size is limited by its capacity rather
+    than by the tokens it saw; the curve shows the gap at 1/16 and 1/4 of that budget.
+    """
+
+    seq_len: int = option(128, at_least=2, help="tokens per sequence")
+    d_model: int = option(16, at_least=2, help="expert (and dense) width")
+    n_layers: int = option(1, at_least=1, help="expert layers")
+    mlp_hidden: int = option(48, at_least=1, help="expert SwiGLU hidden width")
+    router_d_model: int = option(8, at_least=2, help="router width")
+    router_mlp_hidden: int = option(16, at_least=1, help="router SwiGLU hidden width")
+    expert_steps: int = option(4000, quick=300, at_least=1, help="optimizer steps per expert")
+    batch_size: int = option(8, at_least=1, help="sequences per step")
+    warmup_steps: int = option(100, quick=20, at_least=0, help="linear warmup steps")
+    em_rounds: int = option(4, quick=3, at_least=1, help="EM rounds")
+    em_steps_per_round: int = option(30, at_least=1, help="router steps per round")
+    em_sequences: int | None = option(
+        1024, quick=512, at_least=2, help="sequences reassigned each round (none: all)"
+    )
     max_bytes_per_domain: int | None = option(
         1_500_000, quick=300_000, at_least=1, help="corpus budget per domain (none: all)"
     )
@@ -69,11 +90,21 @@ class BenchSettings(SmallTalkConfig):
     )
     seeds: tuple[int, ...] = option((0, 1, 2), quick=(0,), at_least=0, help="seeds")
     lrs: tuple[float, ...] = option(
-        (3e-3,), above=0.0, help="learning rates tried for both the experts and the dense model"
+        (3e-3, 1e-2, 3e-2),
+        quick=(1e-2,),
+        above=0.0,
+        help="learning rates tried for both the experts and the dense model (first seed, "
+        "picked on the tuning half of the held-out text)",
+    )
+    curve: tuple[int, ...] = option(
+        (16, 4),
+        quick=(4,),
+        at_least=1,
+        help="the tokens-per-parameter curve: extra runs at expert_steps divided by each",
     )
     parallel: int = option(2, at_least=1, identity=False, help="expert processes at once")
     prefix_lens: tuple[int, ...] = option(
-        (8, 16, 32, 64, 0), at_least=0, help="routing prefixes to evaluate (0: full)"
+        (8, 16, 32, 0), at_least=0, help="routing prefixes to evaluate (0: full)"
     )
     assign_rows: int = option(
         1_000_000, quick=100_000, at_least=1000, help="rows of the large assignment benchmark"
@@ -86,59 +117,180 @@ class BenchSettings(SmallTalkConfig):
     )
 
 
-def _runs(settings: BenchSettings, run: Run) -> dict[tuple[int, float], tuple[Path, EvalResult]]:
-    out = {}
-    for seed in settings.seeds:
-        for lr in settings.lrs:
-            name = f"seed-{seed}" if len(settings.lrs) == 1 else f"seed-{seed}-lr-{lr:g}"
-            config = settings.as_model_config().replace(lr=lr)
-            folder = run.path(name)
-            build_mixture(
-                config,
-                folder,
-                device=run.device,
-                seed=seed,
-                parallel=settings.parallel,
-                threads=1,
-                rebuild_corpus=run.rebuild_corpus,
-            )
-            result = evaluate(folder, prefix_lens=settings.prefix_lens, device=run.device)
-            out[(seed, lr)] = (folder, result)
-    return out
+ROUTING_PARTS = (DATA_DIR, "routers", "shards")  # shards last: its presence marks a copy done
 
 
-def _best_lr(results: dict[tuple[int, float], tuple[Path, EvalResult]], key: str) -> float:
-    """The learning rate with the lowest mean ``key`` over seeds."""
-    lrs = sorted({lr for _, lr in results})
-    seeds = sorted({s for s, _ in results})
-    return min(
-        lrs, key=lambda lr: statistics.fmean(results[(s, lr)][1].metrics[key] for s in seeds)
-    )
+def _clone_routing(source: Path, folder: Path) -> None:
+    """Give ``folder`` the data, routers and shards of ``source`` (same seed: the routers
+    would come out identical, so the EM loop and the sharding run once per seed)."""
+    if (folder / "shards").is_dir():
+        return
+    for part in ROUTING_PARTS:
+        shutil.copytree(source / part, folder / part, dirs_exist_ok=True)
+
+
+def _build(
+    config: SmallTalkConfig, folder: Path, settings: BenchSettings, run: Run, seed: int,
+    routing_from: Path | None = None,
+) -> Path:  # fmt: skip
+    if routing_from is None:
+        build_mixture(config, folder, device=run.device, seed=seed, parallel=settings.parallel,
+                      threads=1, rebuild_corpus=run.rebuild_corpus)  # fmt: skip
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    _clone_routing(routing_from, folder)
+    config.save(folder)
+    train_all_experts(config, folder, device=run.device, seed=seed, parallel=settings.parallel,
+                      threads=1)  # fmt: skip
+    return folder
+
+
+def train_perplexity(folder: Path, name: str, *, rows: int = 1024, seed: int = 0) -> float:
+    """Perplexity of one trained model on ``rows`` sequences of its own training data (the
+    whole training set for ``dense``, its shard for an expert): against the held-out
+    perplexity, how far the repeated epochs overfit."""
+    if name == "dense":
+        data = SequenceSet.load(folder / DATA_DIR / "train.safetensors")
+    else:
+        data = load_shard_index(folder).load_shard(int(name))
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:rows]
+    model = load_expert(folder, name)
+    return float(sequence_losses(model, data.tokens[pick]).mean().exp())
+
+
+def _train_ppls(folder: Path, num_experts: int) -> dict[str, float]:
+    experts = [math.log(train_perplexity(folder, str(e))) for e in range(num_experts)]
+    return {
+        "dense_train_ppl": train_perplexity(folder, "dense"),
+        "expert_train_ppl": math.exp(statistics.fmean(experts)),
+    }
+
+
+def _combine(mixture: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
+    """The mixture's figures with every ratio taken against ``dense`` (the dense model at
+    its own best learning rate, possibly from another folder of the same seed)."""
+    row = dict(mixture)
+    scale = mixture["ppl_dense"] / dense["ppl_dense"]
+    for key, value in mixture.items():
+        if key.startswith("ppl_ratio_vs_dense"):
+            row[key] = value * scale
+    row["ppl_dense"] = dense["ppl_dense"]
+    return row
 
 
 def run_bench(settings: BenchSettings, run: Run) -> Report:
-    """Build and evaluate every (seed, lr) mixture; aggregate; then the assignment benchmark."""
+    """Tune, test over seeds, trace the tokens-per-parameter curve; then the assignment
+    solvers and the inference cost.
+
+    1. Tuning: on the first seed, a mixture (with its dense baseline) per learning rate of
+       ``lrs``; each model's learning rate is picked on the tuning half of the held-out text
+       (:func:`heldout_halves`), so both get the same tuning effort.
+    2. Test: every seed at the picked rates (``lr`` for the experts, ``dense_lr`` for the
+       dense model); the figures are on the test half, which no choice has seen.
+    3. Curve: the first seed again at ``expert_steps / c`` for each ``c`` of ``curve``
+       (same routers and shards), the gap against tokens per parameter.
+    """
     start = time.perf_counter()
-    results = _runs(settings, run)
-    lr_mix = _best_lr(results, "ppl_mixture")
-    lr_dense = _best_lr(results, "ppl_dense")
+    base = settings.as_model_config()
+    first = settings.seeds[0]
+    tune_folders: dict[float, Path] = {}
+    for lr in settings.lrs:
+        source = next(iter(tune_folders.values()), None)
+        tune_folders[lr] = _build(base.replace(lr=lr), run.path(f"tune-lr-{lr:g}"), settings,
+                                  run, first, routing_from=source)  # fmt: skip
+    some = next(iter(tune_folders.values()))
+    tune_rows, test_rows = heldout_halves(
+        SequenceSet.load(some / DATA_DIR / "validation.safetensors")
+    )
+    tuning = {
+        lr: evaluate(folder, prefix_lens=(), rows=tune_rows, device=run.device).metrics
+        for lr, folder in tune_folders.items()
+    }
+    lr_mix = min(settings.lrs, key=lambda lr: tuning[lr]["ppl_mixture"])
+    lr_dense = min(settings.lrs, key=lambda lr: tuning[lr]["ppl_dense"])
+    tuned = base.replace(lr=lr_mix, dense_lr=None if lr_dense == lr_mix else lr_dense)
+
+    def test(folder: Path, **kw: Any) -> EvalResult:
+        return evaluate(folder, rows=test_rows, device=run.device, **kw)
+
     per_seed = []
+    first_result = None
     for seed in settings.seeds:
-        mixture = results[(seed, lr_mix)][1].metrics
-        dense = results[(seed, lr_dense)][1].metrics
-        row = dict(mixture)
-        # each model at its own best learning rate: the ratios against the tuned dense model
-        for key in list(row):
-            if key.startswith("ppl_ratio_vs_dense"):
-                row.pop(key)
-        scale = mixture["ppl_dense"] / dense["ppl_dense"]
-        for key, value in mixture.items():
-            if key.startswith("ppl_ratio_vs_dense"):
-                row[key] = value * scale
-        row["ppl_dense"] = dense["ppl_dense"]
+        if seed == first:
+            mix_folder = tune_folders[lr_mix]
+            result = test(mix_folder, prefix_lens=settings.prefix_lens)
+            dense = result.metrics
+            if lr_dense != lr_mix:
+                dense = test(tune_folders[lr_dense], prefix_lens=()).metrics
+            first_result = result
+            row = _combine(result.metrics, dense)
+            row |= _train_ppls(mix_folder, settings.num_experts)
+            row["dense_train_ppl"] = train_perplexity(tune_folders[lr_dense], "dense")
+        else:
+            folder = _build(tuned, run.path(f"seed-{seed}"), settings, run, seed)
+            row = dict(test(folder, prefix_lens=settings.prefix_lens).metrics)
+            row |= _train_ppls(folder, settings.num_experts)
         row["seed"] = seed
         per_seed.append(row)
+    assert first_result is not None
+    curve = [_curve_point(per_seed[0], settings.expert_steps)]
+    for divisor in sorted(set(settings.curve)):
+        steps = max(1, settings.expert_steps // divisor)
+        if steps == settings.expert_steps:
+            continue
+        folder = _build(tuned.replace(expert_steps=steps), run.path(f"curve-steps-{steps}"),
+                        settings, run, first, routing_from=tune_folders[lr_mix])  # fmt: skip
+        row = dict(test(folder, prefix_lens=()).metrics)
+        row |= _train_ppls(folder, settings.num_experts)
+        curve.append(_curve_point(row, steps))
+    curve.sort(key=lambda r: r["expert_steps"])
+
     report = run.report("verger-smalltalk bench: SmallTalk LM vs a dense LM of an expert's size")
+    _aggregate(report, per_seed)
+    report.metric("lr_mixture", lr_mix)
+    report.metric("lr_dense", lr_dense)
+    for lr in settings.lrs:
+        report.metric(f"tune_ppl_mixture_lr{lr:g}", tuning[lr]["ppl_mixture"])
+        report.metric(f"tune_ppl_dense_lr{lr:g}", tuning[lr]["ppl_dense"])
+    report.metric("seeds", len(settings.seeds))
+    report.metric("test_sequences", len(test_rows))
+    report.metric("tune_sequences", len(tune_rows))
+    for point in curve:
+        tag = f"steps{point['expert_steps']}"
+        for key in ("ppl_ratio_vs_dense", "ppl_ratio_vs_dense_oracle_routing",
+                    "expert_tokens_per_parameter"):  # fmt: skip
+            report.metric(f"curve_{key}_{tag}", point[key])
+    for key, (op, bound) in TARGETS.items():
+        value = report.metrics.get(key)
+        if isinstance(value, float):
+            met = value <= bound if op == "<=" else value < bound
+            report.metric(f"{key}_target_met", bool(met))
+    report.metrics_from(assignment_benchmark(tune_folders[lr_mix], settings.assign_rows, run.seed))
+    report.metrics_from(
+        inference_benchmark(
+            tune_folders[lr_mix],
+            rows=settings.inference_rows,
+            prefix_lens=settings.prefix_lens,
+            device=run.device,
+            repeats=settings.inference_repeats,
+        )
+    )
+    report.metric("bench_seconds", time.perf_counter() - start)
+    _describe(report, settings, per_seed, tuning, curve)
+    add_to_report(report, first_result, prefix="seed0_")
+    _plot_seeds(report, per_seed)
+    _plot_curve(report, curve)
+    return report
+
+
+def _curve_point(row: dict[str, Any], steps: int) -> dict[str, Any]:
+    keys = ("ppl_ratio_vs_dense", "ppl_ratio_vs_dense_oracle_routing", "ppl_mixture",
+            "ppl_dense", "expert_tokens_per_parameter", "dense_tokens_per_parameter",
+            "dense_train_ppl", "expert_train_ppl")  # fmt: skip
+    return {"expert_steps": steps} | {k: float(row[k]) for k in keys}
+
+
+def _aggregate(report: Report, per_seed: list[dict[str, Any]]) -> None:
     for key in SPREAD:
         values = [r[key] for r in per_seed if key in r]
         if not values:
@@ -158,7 +310,6 @@ def run_bench(settings: BenchSettings, run: Run) -> Report:
         "dense_tokens_per_parameter",
         "expert_parameters",
         "router_parameters",
-        "eval_sequences",
     ):
         if key in first:
             report.metric(key, first[key])
@@ -173,30 +324,6 @@ def run_bench(settings: BenchSettings, run: Run) -> Report:
         key = f"ppl_ratio_vs_dense_{name}"
         if all(key in r for r in per_seed):
             report.metric(key, statistics.fmean(r[key] for r in per_seed))
-    report.metric("lr_mixture", lr_mix)
-    report.metric("lr_dense", lr_dense)
-    report.metric("seeds", len(settings.seeds))
-    for key, (op, bound) in TARGETS.items():
-        value = report.metrics.get(key)
-        if isinstance(value, float):
-            met = value <= bound if op == "<=" else value < bound
-            report.metric(f"{key}_target_met", bool(met))
-    seed0_folder = results[(settings.seeds[0], lr_mix)][0]
-    report.metrics_from(assignment_benchmark(seed0_folder, settings.assign_rows, run.seed))
-    report.metrics_from(
-        inference_benchmark(
-            seed0_folder,
-            rows=settings.inference_rows,
-            prefix_lens=settings.prefix_lens,
-            device=run.device,
-            repeats=settings.inference_repeats,
-        )
-    )
-    report.metric("bench_seconds", time.perf_counter() - start)
-    _describe(report, settings, per_seed)
-    add_to_report(report, results[(settings.seeds[0], lr_mix)][1], prefix="seed0_")
-    _plot_seeds(report, per_seed)
-    return report
 
 
 def assignment_benchmark(folder: Path, rows: int, seed: int) -> dict[str, float]:
@@ -278,14 +405,39 @@ def inference_benchmark(
     return out
 
 
-def _describe(report: Report, settings: BenchSettings, per_seed: list[dict[str, Any]]) -> None:
+def _describe(
+    report: Report,
+    settings: BenchSettings,
+    per_seed: list[dict[str, Any]],
+    tuning: dict[float, dict[str, Any]],
+    curve: list[dict[str, Any]],
+) -> None:
     first = per_seed[0]
     lines = [
         f"E = {settings.num_experts} experts of {first['expert_parameters']} parameters, "
         f"{first['expert_tokens_per_parameter']:.0f} tokens per parameter each; the dense "
         f"baseline has the same size and {first.get('dense_tokens_per_parameter', math.nan):.0f} "
-        f"tokens per parameter (the same total tokens). Seeds: {list(settings.seeds)}; "
-        f"learning rates tried for both: {list(settings.lrs)}.",
+        f"tokens per parameter (the same total tokens). Seeds: {list(settings.seeds)}. "
+        "Learning rates tried for both models on the first seed, each picked on the tuning "
+        "half of the held-out text; every figure below is on the test half.",
+        "",
+        "| lr | mixture ppl (tuning half) | dense ppl (tuning half) |",
+        "|---|---|---|",
+        *(
+            f"| {lr:g} | {m['ppl_mixture']:.4f} | {m['ppl_dense']:.4f} |"
+            for lr, m in tuning.items()
+        ),
+        "",
+        "| expert steps | expert / dense tokens per parameter | ratio | oracle-routing ratio "
+        "| dense train / test ppl | expert train ppl, mixture test ppl |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {p['expert_steps']} | {p['expert_tokens_per_parameter']:.0f} / "
+            f"{p['dense_tokens_per_parameter']:.0f} | {p['ppl_ratio_vs_dense']:.4f} | "
+            f"{p['ppl_ratio_vs_dense_oracle_routing']:.4f} | {p['dense_train_ppl']:.3f} / "
+            f"{p['ppl_dense']:.3f} | {p['expert_train_ppl']:.3f}, {p['ppl_mixture']:.3f} |"
+            for p in curve
+        ),
         "",
         "| target | value | met |",
         "|---|---|---|",
@@ -296,6 +448,22 @@ def _describe(report: Report, settings: BenchSettings, per_seed: list[dict[str, 
         shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
         lines.append(f"| `{key}` {op} {bound} | {shown} | {'yes' if met else 'MISSED'} |")
     report.text("\n".join(lines))
+
+
+def _plot_curve(report: Report, curve: list[dict[str, Any]]) -> None:
+    fig, ax = new_figure()
+    xs = [p["expert_tokens_per_parameter"] for p in curve]
+    ax.plot(xs, [p["ppl_ratio_vs_dense"] for p in curve], marker="o", label="routed (prefix M)")
+    ax.plot(xs, [p["ppl_ratio_vs_dense_oracle_routing"] for p in curve], marker="s", ls=":",
+            label="oracle routing")  # fmt: skip
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.95, color="tab:red", ls="--", lw=0.8, label="target 0.95")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens per parameter of each expert (dense: 4x)")
+    ax.set_ylabel("test perplexity ratio, mixture / dense")
+    ax.set_title("the mixture's gain against training length (first seed)")
+    ax.legend(fontsize=7)
+    report.plot("ppl_ratio_vs_tokens_per_parameter", fig)
 
 
 def _plot_seeds(report: Report, per_seed: list[dict[str, Any]]) -> None:

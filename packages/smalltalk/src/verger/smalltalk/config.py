@@ -32,7 +32,8 @@ class SmallTalkConfig(Settings):
     is its first ``prefix_len`` tokens, scored by each router as ``log p(x_2..x_M | x_1)``.
     Expert and dense training: AdamW, linear warmup then cosine decay to
     ``min_lr_ratio * lr``. The dense baseline has an expert's size and ``dense_steps`` steps
-    of the same batch (default ``num_experts * expert_steps``: the mixture's total tokens).
+    of the same batch (default ``num_experts * expert_steps``: the mixture's total tokens),
+    at its own peak learning rate ``dense_lr`` when set (each model tuned on its own).
     """
 
     title = "SmallTalk LM"
@@ -89,6 +90,9 @@ class SmallTalkConfig(Settings):
     )
     batch_size: int = option(32, quick=16, at_least=1, help="sequences per step")
     lr: float = option(3e-3, above=0.0, help="peak learning rate")
+    dense_lr: float | None = option(
+        None, above=0.0, help="the dense baseline's peak learning rate (none: lr)"
+    )
     warmup_steps: int = option(100, quick=5, at_least=0, help="linear warmup steps")
     min_lr_ratio: float = option(0.1, at_least=0.0, at_most=1.0, help="final lr / peak lr")
     weight_decay: float = option(0.1, at_least=0.0, help="AdamW weight decay")

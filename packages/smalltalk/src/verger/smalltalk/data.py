@@ -133,6 +133,22 @@ def windows(
     )
 
 
+def heldout_halves(seqs: SequenceSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tune, test)`` row indices: each domain's windows cut in two contiguous halves.
+
+    The windows of a domain follow its token stream, so the halves share at most the one
+    document that straddles the cut: learning rates picked on ``tune`` are judged on
+    ``test``, text neither the picking nor the training saw. Rows of unknown domain go to
+    ``test``."""
+    tune, test = [], []
+    for d in range(len(seqs.domain_names)):
+        rows = torch.nonzero(seqs.domains == d).flatten()
+        tune.append(rows[: len(rows) // 2])
+        test.append(rows[len(rows) // 2 :])
+    test.append(torch.nonzero(seqs.domains < 0).flatten())
+    return torch.cat(tune).sort().values, torch.cat(test).sort().values
+
+
 def _tokenizer_for(config: Any, texts: list[str]) -> Tokenizer:
     if config.tokenizer == "byte":
         return ByteTokenizer()

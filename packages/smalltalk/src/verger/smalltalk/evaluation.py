@@ -56,12 +56,14 @@ def evaluate(
     *,
     prefix_lens: tuple[int, ...] = (32, 64, 0),
     max_sequences: int | None = None,
+    rows: torch.Tensor | None = None,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> EvalResult:
     """Score a model folder's validation sequences (see the module docstring).
 
+    ``rows``: score only these validation sequences (before ``max_sequences``).
     ``prefix_lens``: routing prefixes to compare (0 = the full sequence); the config's own
     prefix is always included. Needs every expert; the dense baseline is optional (its
     figures are left out when it was not trained).
@@ -70,6 +72,8 @@ def evaluate(
     config = SmallTalkConfig.load(folder)
     model = SmallTalkLM.from_pretrained(folder, device=device)
     val = SequenceSet.load(folder / DATA_DIR / "validation.safetensors")
+    if rows is not None:  # a fixed part of the held-out set (bench: tuning or test half)
+        val = val.subset(rows)
     if max_sequences is not None and max_sequences < len(val):
         gen = torch.Generator().manual_seed(seed)
         val = val.subset(torch.randperm(len(val), generator=gen)[:max_sequences].sort().values)

@@ -167,6 +167,8 @@ def train_expert(
     data, source = _job_data(config, model_folder, name)
     vocab = int(data_manifest(model_folder)["vocab_size"])
     steps = config.total_dense_steps if name == "dense" else config.expert_steps
+    if name == "dense" and config.dense_lr is not None:
+        config = config.replace(lr=config.dense_lr)
     model = new_model(
         config.expert_model(vocab, fused=device.type == "cuda"), derived_seed(seed, name, "init")
     ).to(device)
