@@ -77,3 +77,52 @@ def test_sphere_points_map_to_the_zero_level_set(tiny_config, dtype):
     assert own.abs().max() < 1e-5
     # points on one part are not all on every other part (the parts differ)
     assert g[:, 0, :, 1].abs().min() > 0 or g[:, 0, :, 1].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("bias", [-0.7, 0.0, 2.0])
+def test_scaled_implicit_is_the_signed_distance_of_a_scaled_sphere(bias):
+    # Zero couplings and a constant isotropic scale s: part m is the sphere of radius r/s
+    # centred at its translation, whose signed distance is ||x - t_m|| - r/s (closed form).
+    config = ModelConfig(
+        n_primitives=3, feature_dim=8, embedding_dim=8, hidden=16, projection_dim=8, head_hidden=16
+    )
+    torch.manual_seed(0)
+    model = NeuralParts(config).double()
+    head = model.primitives.inn.scale_head[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(bias)
+    gen = torch.Generator().manual_seed(3)
+    cond = model(torch.rand(2, 32, 3, generator=gen, dtype=torch.float64) - 0.5)
+    x = torch.rand(2, 200, 3, generator=gen, dtype=torch.float64) - 0.5
+    scale, _, translation = model.primitives.inn.pose(cond)
+    s = scale[..., 0]  # [B, M], the same on every axis
+    assert torch.allclose(scale, s.unsqueeze(-1).expand_as(scale))
+    distance = (x[:, :, None] - translation[:, None]).norm(dim=-1) - 0.25 / s[:, None]
+    scaled = model.implicit(cond, x, scaled=True)
+    assert torch.allclose(scaled, distance, atol=1e-12)
+    raw = model.implicit(cond, x)
+    if bias != 0.0:  # s != 1: the sphere-space value is off by the factor s
+        assert not torch.allclose(raw, distance, atol=1e-3)
+    assert torch.allclose(raw, distance * s[:, None], atol=1e-12)
+
+
+def test_scaled_implicit_keeps_the_sign_and_superquadrics_are_unchanged(tiny_config):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = randomize(NeuralParts(tiny_config)).double()
+    gen = torch.Generator().manual_seed(4)
+    cond = model(torch.rand(2, 64, 3, generator=gen, dtype=torch.float64) - 0.5)
+    x = torch.rand(2, 300, 3, generator=gen, dtype=torch.float64) - 0.5
+    raw, scaled = model.implicit(cond, x), model.implicit(cond, x, scaled=True)
+    assert torch.equal(raw < 0, scaled < 0)
+    # divided by exp(log|det dy/dx| / 3) of the inverse map at each query point
+    m = cond.shape[1]
+    _, logdet = model.primitives.inn.inverse(x.unsqueeze(1).expand(-1, m, -1, -1), cond)
+    assert torch.allclose(scaled, raw * torch.exp(-logdet / 3).transpose(1, 2), atol=1e-12)
+    assert not torch.allclose(scaled, raw, atol=1e-3)
+    # the superquadric's radial distance is Euclidean already: the option changes nothing
+    sq = NeuralParts(replace(tiny_config, primitive="superquadric")).double()
+    cond = sq(torch.rand(2, 64, 3, generator=gen, dtype=torch.float64) - 0.5)
+    assert torch.equal(sq.implicit(cond, x, scaled=True), sq.implicit(cond, x))

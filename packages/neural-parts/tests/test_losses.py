@@ -166,6 +166,18 @@ def test_combined_loss_matches_the_terms_on_analytic_ellipsoids():
     assert surf.as_floats()["coverage"] == pytest.approx(
         float(coverage_loss(g_surf, occ, k=3, sharpness=20.0))
     )
+    # "scaled": the same ellipsoids' implicit divided by the geometric mean of their scales
+    sc = neural_parts_loss(
+        model, cond, config=LossConfig(**options, volume_distance="scaled"), **batch
+    )
+    g_sc = g / scale.detach().prod(-1).pow(1 / 3)[:, None]
+    assert sc.as_floats()["occupancy"] == pytest.approx(
+        float(occupancy_loss(g_sc, occ, w, sharpness=20.0))
+    )
+    assert sc.as_floats()["overlap"] == pytest.approx(
+        float(overlap_loss(g_sc, sharpness=20.0, threshold=1.2))
+    )
+    assert sc.as_floats()["occupancy"] != pytest.approx(terms.as_floats()["occupancy"])
     # every term carries a gradient to the parameters
     terms.total.backward()
     assert all(p.grad is not None for p in model.primitives.parameters() if p.requires_grad)

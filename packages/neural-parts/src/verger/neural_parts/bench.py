@@ -17,6 +17,7 @@ import torch
 from verger.core.bench import Report, compare, new_figure
 from verger.core.files import atomic_write_json
 from verger.core.runs import Run
+from verger.neural_parts.config import LossConfig
 from verger.neural_parts.data.meshfiles import embedded_mesh_paths
 from verger.neural_parts.data.samples import ShapeSamples
 from verger.neural_parts.data.sets import default_cache_dir, mesh_shapes
@@ -54,6 +55,7 @@ def _train_one(
             seed=seed,
         ),
         samples=settings.sample_config(),
+        loss=LossConfig(volume_distance=settings.volume_distance),
         out=run.path("models") / name,
         device=run.device,
         resume=run.resumed,

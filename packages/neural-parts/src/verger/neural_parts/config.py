@@ -14,7 +14,7 @@ from verger.core.validation import finite_number, integer, one_of
 PRIMITIVES = ("inn", "superquadric")
 ENCODERS = ("pointnet", "voxel", "image")
 FEATURE_NORMS = ("running", "layer")
-VOLUME_DISTANCES = ("surface", "implicit")
+VOLUME_DISTANCES = ("surface", "implicit", "scaled")
 
 
 @dataclass(kw_only=True)
@@ -107,9 +107,12 @@ class LossConfig:
     distance to part m's sampled surface points, negative inside (the sign from the exact
     implicit), so a part is charged by how far it really is. ``"implicit"``: the exact
     ||φ^-1(x)|| - r, measured in the part's sphere space: a part that has grown has smaller
-    values everywhere and can win the union's minimum at every uncovered point. (Measured on
-    one shape with the parts started spread apart: no collapse, and better IoU/Chamfer than
-    ``"surface"``; see the README.)
+    values everywhere and can win the union's minimum at every uncovered point. ``"scaled"``:
+    the exact implicit divided by the local scale of the part's map, exp(log|det ∂y/∂x| / 3)
+    (the geometric mean of the inverse Jacobian's singular values), which turns it back into
+    approximately Euclidean units so that parts are comparable (exactly the signed distance
+    for a sphere that is only scaled and moved). The superquadrics' radial distance is already
+    Euclidean: for them ``"scaled"`` is the same as ``"implicit"``. See the README.
     """
 
     reconstruction: float = 0.3

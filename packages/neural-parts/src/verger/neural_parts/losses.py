@@ -15,9 +15,10 @@ weights; ``sharpness`` = 250 turns g into an occupancy logit -sharpness·g.
   shape, so none collapses or drifts away).
 - overlap: max(0, Σ_m sigmoid(-sharpness·g_m) - threshold) averaged over the query points.
 
-The three volume losses read g at the occupancy points either as the exact implicit or,
-by default (as the released code), as :func:`signed_surface_distance`: the Euclidean
-distance to each part's sampled surface points with the exact implicit's sign.
+The three volume losses read g at the occupancy points as the exact implicit, as the exact
+implicit in Euclidean units (``"scaled"``) or, by default (as the released code), as
+:func:`signed_surface_distance`: the Euclidean distance to each part's sampled surface
+points with the exact implicit's sign.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def neural_parts_loss(
                 inside = model.implicit(cond, volume) < 0
             g = signed_surface_distance(volume, points, inside)
         else:
-            g = model.implicit(cond, volume)
+            g = model.implicit(cond, volume, scaled=config.volume_distance == "scaled")
         if config.occupancy:
             terms["occupancy"] = occupancy_loss(g, occupancy, weights, sharpness=config.sharpness)
         if config.coverage:

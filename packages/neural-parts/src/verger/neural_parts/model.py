@@ -70,13 +70,20 @@ class NeuralParts(nn.Module):
         points("directions", directions)
         return self.primitives.surface(cond, directions)
 
-    def implicit(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Every primitive's implicit value at ``x [B, Q, 3]``: ``[B, Q, M]`` (< 0 inside)."""
+    def implicit(
+        self, cond: torch.Tensor, x: torch.Tensor, *, scaled: bool = False
+    ) -> torch.Tensor:
+        """Every primitive's implicit value at ``x [B, Q, 3]``: ``[B, Q, M]`` (< 0 inside).
+
+        ``scaled=True``: each part's value in approximately Euclidean units (the INN's
+        sphere-space value divided by its map's local scale; see ``INNPrimitives.implicit``).
+        The sign, hence occupancy, is the same either way.
+        """
         self._check_cond(cond)
         points("x", x, batched=True)
         if x.shape[0] != cond.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]} but cond has batch {cond.shape[0]}")
-        return self.primitives.implicit(cond, x)
+        return self.primitives.implicit(cond, x, scaled=scaled)
 
     def union(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """G(x) = min_m g_m(x), ``[B, Q]``."""

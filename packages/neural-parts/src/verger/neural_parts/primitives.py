@@ -26,8 +26,13 @@ class PrimitiveFamily(Protocol):
         """Unit ``directions`` (``[N, 3]`` or ``[B, M, N, 3]``) -> surface ``[B, M, N, 3]``."""
         ...
 
-    def implicit(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Query points ``[B, Q, 3]`` -> every part's implicit value ``[B, Q, M]``."""
+    def implicit(
+        self, cond: torch.Tensor, x: torch.Tensor, *, scaled: bool = False
+    ) -> torch.Tensor:
+        """Query points ``[B, Q, 3]`` -> every part's implicit value ``[B, Q, M]``.
+
+        ``scaled=True``: in (approximately) Euclidean units, comparable across parts.
+        """
         ...
 
 
@@ -44,10 +49,22 @@ class INNPrimitives(nn.Module):
         y = self.radius * directions.expand(b, m, *directions.shape[-2:])
         return self.inn(y, cond)[0]
 
-    def implicit(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def implicit(
+        self, cond: torch.Tensor, x: torch.Tensor, *, scaled: bool = False
+    ) -> torch.Tensor:
+        """g_m(x) = ||φ^-1(x)|| - r ``[B, Q, M]``, measured in each part's sphere space.
+
+        ``scaled=True`` divides by the map's local scale exp(log|det ∂y/∂x| / 3): a part
+        the INN has grown by λ has its sphere-space values shrunk by λ, and the division
+        undoes that, so a part is not favoured by the union's minimum merely for being large
+        (for a sphere that is only scaled and moved this is exactly its signed distance).
+        """
         m = cond.shape[1]
-        y, _ = self.inn.inverse(x.unsqueeze(1).expand(-1, m, -1, -1), cond)
-        return (y.norm(dim=-1) - self.radius).transpose(1, 2)
+        y, logdet = self.inn.inverse(x.unsqueeze(1).expand(-1, m, -1, -1), cond)
+        g = y.norm(dim=-1) - self.radius
+        if scaled:
+            g = g * torch.exp(-logdet / 3)
+        return g.transpose(1, 2)
 
 
 def build_family(config: ModelConfig) -> INNPrimitives | SuperquadricPrimitives:

@@ -88,8 +88,13 @@ class SuperquadricPrimitives(nn.Module):
         local = surface_along(u, size.unsqueeze(-2), eps.unsqueeze(-2))
         return torch.einsum("bmij,bmnj->bmni", rotation, local) + translation.unsqueeze(-2)
 
-    def implicit(self, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Radial distance of ``x [B, Q, 3]`` to every part: ``[B, Q, M]``."""
+    def implicit(
+        self, cond: torch.Tensor, x: torch.Tensor, *, scaled: bool = False
+    ) -> torch.Tensor:
+        """Radial distance of ``x [B, Q, 3]`` to every part: ``[B, Q, M]``.
+
+        Already in Euclidean units, so ``scaled`` changes nothing (accepted for the interface).
+        """
         size, eps, rotation, translation = self.parameters_of(cond)
         rel = x.unsqueeze(1) - translation.unsqueeze(-2)  # [B, M, Q, 3]
         local = torch.einsum("bmji,bmnj->bmni", rotation, rel)
